@@ -1,0 +1,348 @@
+"""Compute, apply and merge as streaming loops: one tensor piece at a time, combined in float32.
+
+Every operation first builds a plan from headers alone (names, shapes, dtypes, vocabulary rows),
+which is where incompatible inputs are rejected in seconds. Executing the plan then reads each
+output tensor's rows in pieces of at most `piece_bytes` (float32) from every input, pads
+vocabulary rows an input lacks with zeros, combines, checks the result is finite, collects
+norms, and hands the piece to a sink (a shard writer or an in-memory dict).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import TensorInfo, TensorSource, iter_row_ranges
+from .errors import ResidualsError
+
+DEFAULT_PIECE_BYTES = 8 * 1024 * 1024
+TIED_OUTPUT_NAMES = ("lm_head.weight",)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the result: its shape and dtype, and which input tensor feeds each operand."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    operands: list[tuple[TensorSource, str] | None]  # None: this operand is all zeros
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.name, self.dtype, self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@dataclass
+class TensorStats:
+    """Norms gathered while streaming; `reference_norm` is the norm of the tensor the delta is relative to."""
+
+    numel: int = 0
+    norm_sq: float = 0.0
+    reference_norm_sq: float = 0.0
+    mismatched: int = 0  # compute only: elements where base + stored residual != instruct
+    max_abs_error: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "numel": self.numel,
+            "norm": math.sqrt(self.norm_sq),
+            "reference_norm": math.sqrt(self.reference_norm_sq),
+            "mismatched": self.mismatched,
+            "max_abs_error": self.max_abs_error,
+        }
+
+
+@dataclass
+class Plan:
+    outputs: list[OutputTensor]
+    vocab_rows: int | None = None  # rows of the vocabulary tensors in the result, when known
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(o.info.nbytes for o in self.outputs)
+
+
+# ---- planning (headers only) ------------------------------------------------------------------
+def _differs_only_in_rows(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) == len(b) >= 1 and tuple(a[1:]) == tuple(b[1:]) and a[0] != b[0]
+
+
+def _name_list(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def plan_tensors(
+    roles: Sequence[tuple[str, TensorSource]],
+    *,
+    out_dtype: Callable[[TensorInfo], torch.dtype],
+    normalize_embeddings: bool,
+    vocab_sizes: Sequence[int | None] = (),
+    min_vocab_rows: int | None = None,
+    optional_extra: Callable[[str, str], bool] = lambda role, name: False,
+    mismatch_hint: str = "",
+) -> Plan:
+    """Match tensors across inputs by name and shape; decide padding of vocabulary rows.
+
+    `roles` is [(role name, source)], the first being the one whose names define the output.
+    A tensor whose first dimension differs between inputs (vocabulary rows) is padded with zero
+    rows up to the largest, when `normalize_embeddings`; nothing is ever shrunk. Tensors whose
+    first dimension equals a model's vocabulary size also grow to `min_vocab_rows` (the
+    tokenizer's length) when that is larger, as `resize_token_embeddings` would.
+    """
+    first_role, first = roles[0]
+    names = list(first.tensors)
+    problems_missing: list[str] = []
+    for role, source in roles[1:]:
+        missing = [n for n in names if n not in source.tensors]
+        extra = [n for n in source.tensors if n not in first.tensors and not optional_extra(role, n)]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing from {role}: {_name_list(missing)}")
+            if extra:
+                parts.append(f"only in {role}: {_name_list(extra)}")
+            problems_missing.append(f"{first_role} vs {role} — " + "; ".join(parts))
+    if problems_missing:
+        raise ResidualsError(
+            "The models do not have the same tensors: " + " | ".join(problems_missing) + ".",
+            "They are not the same architecture. Use models of one family and size "
+            "(e.g. a base model and its own instruct version)." + mismatch_hint,
+        )
+
+    vocab = {v for v in vocab_sizes if v}
+    outputs: list[OutputTensor] = []
+    row_mismatches: list[str] = []
+    other_mismatches: list[str] = []
+    vocab_rows: set[int] = set()
+    for name in names:
+        infos = [source.tensors[name] for _, source in roles]
+        shapes = [i.shape for i in infos]
+        if all(s == shapes[0] for s in shapes):
+            shape = shapes[0]
+            is_vocab = bool(shape) and shape[0] in vocab and len(shape) <= 2
+        elif all(s == shapes[0] or _differs_only_in_rows(s, shapes[0]) for s in shapes):
+            is_vocab = True
+            shape = shapes[0]
+            row_mismatches.append(
+                f"{name}: "
+                + " vs ".join(f"{role} {list(s)}" for (role, _), s in zip(roles, shapes, strict=True))
+            )
+        else:
+            other_mismatches.append(
+                f"{name}: "
+                + " vs ".join(f"{role} {list(s)}" for (role, _), s in zip(roles, shapes, strict=True))
+            )
+            continue
+        if is_vocab:
+            rows = max(s[0] for s in shapes)
+            if normalize_embeddings and min_vocab_rows and min_vocab_rows > rows:
+                rows = min_vocab_rows
+            shape = (rows, *shape[1:])
+            vocab_rows.add(rows)
+        outputs.append(
+            OutputTensor(
+                name=name,
+                shape=tuple(shape),
+                dtype=out_dtype(infos[0]),
+                operands=[(source, name) for _, source in roles],
+            )
+        )
+    if other_mismatches:
+        raise ResidualsError(
+            f"{len(other_mismatches)} tensor(s) have different shapes: {_name_list(other_mismatches, 3)}.",
+            "The models are different architectures or sizes; use models of one family and size."
+            + mismatch_hint,
+        )
+    if row_mismatches and not normalize_embeddings:
+        raise ResidualsError(
+            f"Shape mismatch in the vocabulary rows: {_name_list(row_mismatches, 3)}.",
+            "If tokenizers differ (e.g., added tokens), set normalize_embeddings=True or provide "
+            "instruct_tokenizer/instruct_tokenizer_name to enable resizing.",
+        )
+    plan = Plan(outputs, vocab_rows=max(vocab_rows) if vocab_rows else None)
+    if row_mismatches:
+        plan.notes.append(
+            f"vocabulary rows aligned to {plan.vocab_rows} (missing rows zero-filled): "
+            + _name_list(row_mismatches, 3)
+        )
+    return plan
+
+
+# ---- execution --------------------------------------------------------------------------------
+class DictSink:
+    """Collects output tensors in memory (used for model instances)."""
+
+    def __init__(self, plan: Plan):
+        self._shapes = {o.name: o.shape for o in plan.outputs}
+        self._pieces: dict[str, list[torch.Tensor]] = {}
+
+    def write(self, name: str, piece: torch.Tensor) -> None:
+        self._pieces.setdefault(name, []).append(piece)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: torch.cat(p).reshape(self._shapes[n]) for n, p in self._pieces.items()}
+
+
+def _read_padded(
+    operand: tuple[TensorSource, str] | None,
+    start: int,
+    stop: int,
+    row_numel: int,
+    buffers: dict,
+    slot: int,
+) -> torch.Tensor | None:
+    """Rows [start, stop) of an operand, zero rows beyond its end; None for an all-zero operand."""
+    if operand is None:
+        return None
+    source, name = operand
+    info = source.tensors[name]
+    have = min(stop, info.row_count) - start
+    count = (stop - start) * row_numel
+    if have >= stop - start:
+        buffer = _buffer(buffers, (slot, info.dtype), count)
+        return source.read_rows(name, start, stop, out=buffer)
+    piece = torch.zeros(count, dtype=info.dtype)
+    if have > 0:
+        piece[: have * row_numel] = source.read_rows(name, start, start + have)
+    return piece
+
+
+def _buffer(buffers: dict, key, count: int) -> torch.Tensor:
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = buffers[key] = torch.empty(count, dtype=key[1])
+    return buffer
+
+
+def execute(
+    plan: Plan,
+    combine: Callable[[list[torch.Tensor | None], OutputTensor], tuple[torch.Tensor, torch.Tensor]],
+    sink,
+    *,
+    reference_operand: int | None = None,
+    check_reconstruction: Callable[[list[torch.Tensor | None], torch.Tensor, OutputTensor], tuple[int, float]]
+    | None = None,
+    device: str | torch.device = "cpu",
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
+    progress: Progress | None = None,
+) -> dict[str, TensorStats]:
+    """Stream every output tensor through `combine` into `sink`; return per-tensor norms.
+
+    `combine` returns (result, delta): the result is written, the delta's norm is recorded (the
+    residual itself for compute, the scaled residual actually added for apply and merge).
+    """
+    device = torch.device(device)
+    stats: dict[str, TensorStats] = {}
+    buffers: dict = {}
+    total = len(plan.outputs)
+    for index, out in enumerate(plan.outputs):
+        if progress:
+            progress(index, total, out.name)
+        info = out.info
+        st = stats[out.name] = TensorStats(numel=info.numel)
+        work_dtype = torch.float32 if out.is_float else torch.int64
+        ranges = [(0, 0)] if info.numel == 0 else iter_row_ranges(info, info.row_count, piece_bytes)
+        for start, stop in ranges:
+            raw = [
+                _read_padded(op, start, stop, info.row_numel, buffers, slot)
+                for slot, op in enumerate(out.operands)
+            ]
+            pieces = [None if p is None else p.to(device=device, dtype=work_dtype) for p in raw]
+            result, delta = combine(pieces, out)
+            if out.is_float:
+                if not torch.isfinite(result).all():
+                    bad = [
+                        f"{role_source[0].label}"
+                        for p, role_source in zip(pieces, out.operands, strict=True)
+                        if p is not None and role_source is not None and not torch.isfinite(p).all()
+                    ]
+                    where = f" (non-finite values already in: {', '.join(bad)})" if bad else ""
+                    raise ResidualsError(
+                        f"The result for tensor {out.name!r} contains NaN or Inf{where}.",
+                        "Check the input checkpoints (a corrupt or overflowed model), or use a smaller scale; "
+                        "nothing was written.",
+                    )
+                st.norm_sq += float(torch.sum(delta.double() ** 2))
+                if reference_operand is not None and pieces[reference_operand] is not None:
+                    st.reference_norm_sq += float(torch.sum(pieces[reference_operand].double() ** 2))
+            stored = result.to(out.dtype)
+            if check_reconstruction is not None and out.is_float:
+                mismatched, max_err = check_reconstruction(pieces, stored, out)
+                st.mismatched += mismatched
+                st.max_abs_error = max(st.max_abs_error, max_err)
+            sink.write(out.name, stored.cpu())
+    if progress:
+        progress(total, total, "done")
+    return stats
+
+
+# ---- the three operations' arithmetic ---------------------------------------------------------
+def residual_of(pieces: list[torch.Tensor | None], out: OutputTensor) -> torch.Tensor:
+    """R = instruct − base (operands: base, instruct)."""
+    base, instruct = pieces
+    residual = instruct - base
+    return residual, residual
+
+
+def make_apply(scale: float) -> Callable:
+    """out = target + scale·R (operands: target, residual); integer tensors get R unscaled."""
+
+    def apply(pieces: list[torch.Tensor | None], out: OutputTensor) -> torch.Tensor:
+        target, residual = pieces
+        if scale != 1.0 and out.is_float:
+            residual = residual * scale
+        return target + residual, residual
+
+    return apply
+
+
+def make_merge(scale: float) -> Callable:
+    """out = target + scale·(instruct − base) (operands: target, base, instruct), no residual written."""
+
+    def merge(pieces: list[torch.Tensor | None], out: OutputTensor) -> torch.Tensor:
+        target, base, instruct = pieces
+        delta = instruct - base
+        if scale != 1.0 and out.is_float:
+            delta = delta * scale
+        return target + delta, delta
+
+    return merge
+
+
+def reconstruction_check(
+    pieces: list[torch.Tensor | None], stored: torch.Tensor, out: OutputTensor
+) -> tuple[int, float]:
+    """For compute: does base + stored residual give back instruct, bit for bit, in instruct's own dtype?"""
+    base, instruct = pieces
+    source, name = out.operands[1]
+    instruct_dtype = source.tensors[name].dtype
+    rebuilt = (base + stored.to(base.dtype)).to(instruct_dtype)
+    wrong = rebuilt != instruct.to(instruct_dtype)
+    mismatched = int(torch.count_nonzero(wrong))
+    if not mismatched:
+        return 0, 0.0
+    return mismatched, float((rebuilt.to(base.dtype) - instruct)[wrong].abs().max())
+
+
+def describe_stats(stats: dict[str, TensorStats]) -> dict[str, Any]:
+    mismatched = sum(s.mismatched for s in stats.values())
+    numel = sum(s.numel for s in stats.values())
+    return {
+        "elements": numel,
+        "mismatched_elements": mismatched,
+        "max_abs_error": max((s.max_abs_error for s in stats.values()), default=0.0),
+        "exact": mismatched == 0,
+    }

@@ -1,0 +1,226 @@
+"""Command line: `python -m residuals_core compute|apply|merge|inspect ...` over the same functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm.auto import tqdm
+
+from . import __version__, operations, stats
+from .errors import ResidualsError
+
+EPILOG = """examples:
+  # 1. residuals of an instruct model over its base (float32: exact reconstruction)
+  python -m residuals_core compute --base meta-llama/Meta-Llama-3-8B \\
+      --instruct meta-llama/Meta-Llama-3-8B-Instruct --out ./llama3-residuals
+  # 2. add them to your continued-pre-trained base
+  python -m residuals_core apply --residuals ./llama3-residuals --model ./my-cpt-base --out ./my-cpt-instruct
+  # or both at once, without writing residuals
+  python -m residuals_core merge --base B --instruct I --target ./my-cpt-base --out ./my-cpt-instruct
+  # 3. look at per-layer norms
+  python -m residuals_core inspect ./llama3-residuals
+"""
+
+
+class _TqdmProgress:
+    """Adapts the engine's progress callback (done, total, tensor name) to a tqdm bar over tensors."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.bar = None
+        self.desc = desc
+        self.enabled = enabled
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="tensor")
+        self.bar.n = done
+        self.bar.set_postfix_str(name[-48:], refresh=True)
+        if done >= total:
+            self.bar.close()
+
+
+def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
+    if out:
+        p.add_argument(
+            "--out",
+            required=True,
+            help="output folder (written atomically; must not exist unless --overwrite)",
+        )
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace --out once the new folder is complete"
+        )
+        p.add_argument(
+            "--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB or 500MB (default 5GB)"
+        )
+        p.add_argument("--device", default="cpu", help="where to do the arithmetic: cpu (default) or cuda")
+        p.add_argument(
+            "--no-normalize-embeddings",
+            dest="normalize_embeddings",
+            action="store_false",
+            help="fail on vocabulary-size differences instead of zero-padding the missing rows",
+        )
+        p.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="also read .bin/.pt checkpoints (pickle can run code: only for sources you trust)",
+        )
+    p.add_argument(
+        "--token", default=None, help="Hugging Face token for gated/private models (default: HF_TOKEN)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m residuals_core",
+        description="Instruction residuals (task vectors): R = instruct − base, computed and applied one "
+        "tensor at a time, so 8B models fit in a few hundred MB of RAM. Models are local folders or Hub ids.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"residuals_core {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser(
+        "compute",
+        help="residuals = instruct − base, saved as a residuals folder",
+        description="Compute R = instruct − base and save it (weights, tokenizer, config, model card).",
+    )
+    p.add_argument("--base", required=True, help="base model (folder or Hub id)")
+    p.add_argument("--instruct", required=True, help="instruction-tuned model (folder or Hub id)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="storage dtype: float32 (default, exact) or bfloat16/float16 (half the size, error reported)",
+    )
+    p.add_argument(
+        "--instruct-tokenizer", default=None, help="tokenizer to save, if not the instruct model's"
+    )
+    p.add_argument("--license", default=None, help="license for the model card, e.g. apache-2.0")
+    _common(p)
+
+    p = sub.add_parser(
+        "apply",
+        help="model + scale × residuals, saved as a model folder",
+        description="Add scale × residuals to a model (e.g. your continued-pre-trained base).",
+    )
+    p.add_argument("--residuals", required=True, help="residuals folder or Hub id (from compute)")
+    p.add_argument("--model", required=True, help="model to apply them to (folder or Hub id)")
+    p.add_argument("--scale", type=float, default=1.0, help="α in model + α·R (default 1.0)")
+    p.add_argument("--dtype", default=None, help="output dtype (default: the model's own)")
+    _common(p)
+
+    p = sub.add_parser(
+        "merge",
+        help="target + scale × (instruct − base) in one pass",
+        description="One pass: target + scale × (instruct − base); no residuals are written.",
+    )
+    p.add_argument("--base", required=True, help="base model the instruct model was tuned from")
+    p.add_argument("--instruct", required=True, help="instruction-tuned model")
+    p.add_argument("--target", required=True, help="model to add the difference to (e.g. your CPT'd base)")
+    p.add_argument("--scale", type=float, default=1.0, help="α (default 1.0)")
+    p.add_argument("--dtype", default=None, help="output dtype (default: the target's own)")
+    _common(p)
+
+    p = sub.add_parser(
+        "inspect",
+        help="per-layer norms of a residuals (or merged) folder",
+        description="Print per-layer ‖R‖ (and ‖R‖/‖θ_base‖ when recorded) of a residuals folder.",
+    )
+    p.add_argument("path", help="residuals folder or Hub id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(p, out=False)
+    return parser
+
+
+def _inspect(args) -> dict:
+    checkpoint, config = operations.open_residuals(args.path, token=args.token)
+    manifest = operations.read_manifest(checkpoint.folder) or {}
+    with checkpoint:
+        tensors = manifest.get("tensors") or stats.tensor_norms(checkpoint)
+    summary = stats.summarize(tensors)
+    return {
+        "path": str(args.path),
+        "base_model": config.base_model_name,
+        "instruct_model": config.instruct_model_name,
+        "dtype": config.dtype,
+        "tensors": len(tensors),
+        "reconstruction": manifest.get("reconstruction"),
+        **summary,
+    }
+
+
+def _print_table(report: dict) -> None:
+    print(f"residuals: {report['path']}")
+    print(
+        f"  {report['instruct_model']} − {report['base_model']}  ({report['dtype']}, {report['tensors']} tensors)"
+    )
+    rel = report.get("relative")
+    print(f"  total ‖R‖ = {report['total_norm']:.6g}" + (f"   ‖R‖/‖θ_base‖ = {rel:.4g}" if rel else ""))
+    print(f"\n  {'layer':>10}  {'‖R‖':>12}  {'‖R‖/‖θ‖':>10}")
+    for row in report["layers"]:
+        r = f"{row['relative']:.4g}" if row.get("relative") is not None else "–"
+        print(f"  {row['layer']:>10}  {row['norm']:>12.6g}  {r:>10}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = _TqdmProgress(args.command, enabled=not args.quiet)
+    try:
+        if args.command == "inspect":
+            report = _inspect(args)
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                _print_table(report)
+            return 0
+        common = dict(
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            device=args.device,
+            token=args.token,
+            normalize_embeddings=args.normalize_embeddings,
+            allow_pickle=args.allow_pickle,
+            progress=progress,
+        )
+        if args.command == "compute":
+            result = operations.compute_residuals(
+                args.base,
+                args.instruct,
+                args.out,
+                dtype=args.dtype,
+                instruct_tokenizer_name=args.instruct_tokenizer,
+                license=args.license,
+                **common,
+            )
+            recon = result.reconstruction or {}
+            exact = "exact" if recon.get("exact") else f"{recon.get('mismatched_elements')} elements off"
+            print(f"residuals written to {result.path} (reconstruction check: {exact})")
+        elif args.command == "apply":
+            result = operations.apply_residuals(
+                args.residuals, args.model, args.out, scale=args.scale, dtype=args.dtype, **common
+            )
+            print(f"model written to {result.path}")
+        else:
+            result = operations.merge_models(
+                args.base, args.instruct, args.target, args.out, scale=args.scale, dtype=args.dtype, **common
+            )
+            print(f"merged model written to {result.path}")
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"total ‖delta‖ = {result.summary.get('total_norm', 0.0):.6g}")
+        return 0
+    except ResidualsError as exc:
+        print(f"error: {exc.problem}\n  what to do: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

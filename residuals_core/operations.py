@@ -1,0 +1,635 @@
+"""The three operations on folders and Hub ids: compute residuals, apply them, merge in one pass.
+
+Each one resolves its inputs, plans from headers (rejecting bad input before any weight is
+read), checks free disk, then streams into an `AtomicFolder`: weights, config, tokenizer,
+generation config, a manifest with sha256 per file and norms, and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import arithmetic, card, hub, stats
+from .checkpoint import Checkpoint, TensorInfo, TensorSource, dtype_from_name, dtype_name, read_json
+from .config import ResidualsConfig, build_config, shapes_hash
+from .errors import ResidualsError
+from .tokenizer import copy_tokenizer, has_tokenizer, tokenizer_length
+from .writer import DEFAULT_MAX_SHARD_SIZE, AtomicFolder, ShardWriter, file_digest
+
+MANIFEST_NAME = "residuals_manifest.json"
+DISK_MARGIN_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Result:
+    """What an operation wrote, and what it measured on the way."""
+
+    path: Path
+    tensors: dict[str, dict[str, float]]
+    summary: dict[str, Any]
+    manifest: dict[str, dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    reconstruction: dict[str, Any] | None = None
+    config: ResidualsConfig | None = None
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+def open_model(
+    name_or_path: str | os.PathLike,
+    *,
+    role: str,
+    token: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> Checkpoint:
+    """Resolve and open a model's checkpoint by its headers; the label is what the user typed."""
+    try:
+        folder = hub.resolve_model_folder(
+            name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+        )
+        checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle)
+    except ResidualsError as exc:
+        raise ResidualsError(f"{role} model: {exc.problem}", exc.fix) from exc
+    checkpoint.label = str(name_or_path)
+    return checkpoint
+
+
+def open_residuals(
+    name_or_path: str | os.PathLike,
+    *,
+    token: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+) -> tuple[Checkpoint, ResidualsConfig]:
+    folder = hub.resolve_model_folder(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+    if not (folder / "config.json").is_file():
+        raise ResidualsError(
+            f"{name_or_path} has no config.json, so it is not a residuals folder.",
+            "Point at a folder written by save_pretrained / compute (it holds config.json and model.safetensors).",
+        )
+    raw = read_json(folder / "config.json")
+    if "shapes_hash" not in raw or "residuals_version" not in raw:
+        raise ResidualsError(
+            f"{name_or_path} looks like a model, not residuals (its config.json has no residuals fields).",
+            "Compute residuals first (compute / Residuals.from_models), or use merge for three models.",
+        )
+    if verify:
+        verify_manifest(folder)
+    checkpoint = Checkpoint.open(folder)
+    checkpoint.label = str(name_or_path)
+    return checkpoint, ResidualsConfig.from_dict(raw)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST_NAME
+    return read_json(path) if path.is_file() else None
+
+
+def verify_manifest(folder: Path) -> None:
+    """Refuse a folder whose files do not match the sha256 and sizes recorded when it was written."""
+    manifest = read_manifest(folder)
+    if not manifest:
+        return  # written by another tool (e.g. the residuals package): nothing recorded to check
+    for name, entry in manifest.get("files", {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ResidualsError(
+                f"{folder}: {name} is missing (it is listed in {MANIFEST_NAME}).",
+                "The folder is incomplete: copy or download it again.",
+            )
+        if path.stat().st_size != entry["size"]:
+            raise ResidualsError(
+                f"{folder}: {name} has {path.stat().st_size} bytes, {entry['size']} were written — truncated or altered.",
+                "Copy or download the folder again.",
+            )
+        if file_digest(path)["sha256"] != entry["sha256"]:
+            raise ResidualsError(
+                f"{folder}: {name} does not match its recorded sha256 — the file was altered or corrupted.",
+                "Copy or download the folder again; do not edit weight files by hand.",
+            )
+
+
+# ---- helpers shared by the operations -----------------------------------------------------------
+def check_free_disk(out_dir: Path, needed: int) -> None:
+    probe = Path(out_dir).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DISK_MARGIN_BYTES > free:
+        raise ResidualsError(
+            f"Not enough free disk at {probe}: the output needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free.",
+            "Free some space or choose an output folder on a larger disk.",
+        )
+
+
+def _float_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    resolved = dtype_from_name(dtype)
+    if not resolved.is_floating_point:
+        raise ResidualsError(
+            f"dtype {dtype!r} is not a floating-point type.", "Use float32, bfloat16 or float16."
+        )
+    return resolved
+
+
+def _cast_floats(dtype: torch.dtype | None) -> Callable[[TensorInfo], torch.dtype]:
+    return lambda info: dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _stream(
+    plan: arithmetic.Plan,
+    combine: Callable,
+    folder: Path,
+    *,
+    max_shard_size: int | str,
+    progress: arithmetic.Progress | None,
+    device: str | torch.device,
+    reference_operand: int | None,
+    check_reconstruction: Callable | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, arithmetic.TensorStats]]:
+    writer = ShardWriter(folder, [o.info for o in plan.outputs], max_shard_size=max_shard_size)
+    by_name = {o.name: o for o in plan.outputs}
+    plan = arithmetic.Plan([by_name[n] for n in writer.order], plan.vocab_rows, plan.notes)
+    try:
+        tensor_stats = arithmetic.execute(
+            plan,
+            combine,
+            writer,
+            reference_operand=reference_operand,
+            check_reconstruction=check_reconstruction,
+            device=device,
+            progress=progress,
+        )
+        manifest = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return manifest, tensor_stats
+
+
+def _finish_folder(
+    folder: Path,
+    weights_manifest: dict[str, dict[str, Any]],
+    extra_files: list[str],
+    sidecar: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """Hash the non-weight files too, write the manifest; return {file: {sha256, size}}."""
+    manifest = dict(weights_manifest)
+    for name in extra_files:
+        manifest[name] = file_digest(folder / name)
+    _write_json(folder / MANIFEST_NAME, {"files": manifest, **sidecar})
+    return manifest
+
+
+def _close_all(*sources: TensorSource) -> None:
+    for source in sources:
+        source.close()
+
+
+# ---- compute ---------------------------------------------------------------------------------------
+def compute_residuals(
+    base: str | os.PathLike | Checkpoint,
+    instruct: str | os.PathLike | Checkpoint,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    normalize_embeddings: bool = True,
+    instruct_tokenizer: Any = None,
+    instruct_tokenizer_name: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: list[str] | None = None,
+    config: ResidualsConfig | None = None,
+    card_name: str | None = None,
+    progress: arithmetic.Progress | None = None,
+) -> Result:
+    """R = instruct − base, streamed into `out_dir` (a residuals folder the `residuals` package reads)."""
+    storage = _float_dtype(dtype)
+    base_ck = (
+        base
+        if isinstance(base, Checkpoint)
+        else open_model(base, role="base", token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    )
+    inst_ck = (
+        instruct
+        if isinstance(instruct, Checkpoint)
+        else open_model(
+            instruct, role="instruct", token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+        )
+    )
+    tokenizer_name, tok_len, save_tokenizer = instruct_tokenizer_info(
+        inst_ck, instruct_tokenizer, instruct_tokenizer_name
+    )
+    plan = arithmetic.plan_tensors(
+        [("base", base_ck), ("instruct", inst_ck)],
+        out_dtype=_cast_floats(storage),
+        normalize_embeddings=normalize_embeddings,
+        vocab_sizes=[base_ck.vocab_size, inst_ck.vocab_size],
+        min_vocab_rows=tok_len if normalize_embeddings else None,
+    )
+    check_free_disk(Path(out_dir), plan.total_bytes)
+    try:
+        with AtomicFolder(out_dir, overwrite=overwrite) as target:
+            weights, tensor_stats = _stream(
+                plan,
+                arithmetic.residual_of,
+                target.path,
+                max_shard_size=max_shard_size,
+                progress=progress,
+                device=device,
+                reference_operand=0,
+                check_reconstruction=arithmetic.reconstruction_check,
+            )
+            result = write_residuals_metadata(
+                target.path,
+                weights,
+                plan=plan,
+                tensor_stats={n: s.as_dict() for n, s in tensor_stats.items()},
+                reconstruction=arithmetic.describe_stats(tensor_stats),
+                base_name=base_ck.label,
+                instruct_name=inst_ck.label,
+                tokenizer_name=tokenizer_name,
+                save_tokenizer=save_tokenizer,
+                generation_config=inst_ck.folder / "generation_config.json",
+                architecture=_architecture(inst_ck),
+                config=config,
+                license=license,
+                language=language,
+                tags=tags,
+                card_name=card_name or Path(out_dir).name,
+            )
+    finally:
+        _close_all(base_ck, inst_ck)
+    result.path = Path(out_dir).absolute()
+    return result
+
+
+def instruct_tokenizer_info(inst_ck: Checkpoint, tokenizer: Any, tokenizer_name: str | None):
+    """(name, length, saver) of the instruct tokenizer; fails early when there is none."""
+    from .tokenizer import load_tokenizer
+
+    if tokenizer is None and tokenizer_name is not None:
+        tokenizer = load_tokenizer(tokenizer_name)
+    if tokenizer is not None:
+        name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or inst_ck.label
+        return name, len(tokenizer), lambda folder: tokenizer.save_pretrained(str(folder))
+    if not has_tokenizer(inst_ck.folder):
+        raise ResidualsError(
+            f"The instruct model {inst_ck.label} has no tokenizer files; residuals are saved with the instruct tokenizer.",
+            "Pass instruct_tokenizer_name=... (--instruct-tokenizer) naming the tokenizer to use.",
+        )
+    return (
+        inst_ck.label,
+        tokenizer_length(inst_ck.folder),
+        lambda folder: copy_tokenizer(inst_ck.folder, folder),
+    )
+
+
+def _architecture(ck: Checkpoint) -> dict[str, Any]:
+    cfg = ck.config or {}
+    return {
+        "architectures": cfg.get("architectures"),
+        "model_type": cfg.get("model_type"),
+        "num_hidden_layers": cfg.get("num_hidden_layers") or cfg.get("n_layer"),
+        "vocab_size": ck.vocab_size,
+        "tie_word_embeddings": ck.tie_word_embeddings,
+    }
+
+
+def write_residuals_metadata(
+    folder: Path,
+    weights_manifest: dict[str, dict[str, Any]],
+    *,
+    plan: arithmetic.Plan | None,
+    tensor_stats: dict[str, dict[str, float]] | None,
+    reconstruction: dict[str, Any] | None,
+    base_name: str | None,
+    instruct_name: str | None,
+    tokenizer_name: str | None,
+    save_tokenizer: Callable[[Path], Any] | None,
+    generation_config: Path | None = None,
+    architecture: dict[str, Any] | None = None,
+    config: ResidualsConfig | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: list[str] | None = None,
+    card_name: str = "<repo-or-folder>",
+) -> Result:
+    """Everything of a residuals folder but the weights: tokenizer, config.json, manifest, README."""
+    before = set(os.listdir(folder))
+    if save_tokenizer is not None:
+        save_tokenizer(folder)
+    if generation_config is not None and Path(generation_config).is_file():
+        shutil.copy2(generation_config, folder / "generation_config.json")
+    infos = _infos_of(folder)
+    if config is None:
+        config = build_config(
+            infos, tokenizer_name=tokenizer_name, base_model_name=base_name, instruct_model_name=instruct_name
+        )
+    else:
+        config.shapes_hash, config.parameter_names_hash = shapes_hash(infos)
+        config.param_count = len(infos)
+    if license is not None:
+        config.license = license
+    if language is not None:
+        config.language = language
+    if tags is not None:
+        config.tags = list(tags)
+    _write_json(folder / "config.json", config.to_dict())
+    extra = [*sorted(set(os.listdir(folder)) - before - set(weights_manifest)), "config.json"]
+    summary = stats.summarize(tensor_stats) if tensor_stats else {}
+    manifest = _finish_folder(
+        folder,
+        weights_manifest,
+        sorted(set(extra)),
+        {
+            "kind": "residuals",
+            "storage_dtype": config.dtype,
+            "architecture": architecture or {},
+            "vocab_rows": plan.vocab_rows if plan else None,
+            "notes": plan.notes if plan else [],
+            "reconstruction": reconstruction,
+            "summary": summary,
+            "tensors": tensor_stats or {},
+        },
+    )
+    card.residuals_card(
+        config, name=card_name, manifest=manifest, summary=summary, reconstruction=reconstruction
+    ).save(folder / "README.md")
+    return Result(
+        path=folder,
+        tensors=tensor_stats or {},
+        summary=summary,
+        manifest=manifest,
+        notes=plan.notes if plan else [],
+        reconstruction=reconstruction,
+        config=config,
+    )
+
+
+def _infos_of(folder: Path) -> list[TensorInfo]:
+    with Checkpoint.open(folder) as ck:
+        return list(ck.tensors.values())
+
+
+# ---- apply and merge -------------------------------------------------------------------------------
+def _tied_output_is_optional(target: Checkpoint) -> Callable[[str, str], bool]:
+    """Residuals of a tied model saved by the `residuals` package carry lm_head.weight too; skip it."""
+    return lambda role, name: target.tie_word_embeddings and name in arithmetic.TIED_OUTPUT_NAMES
+
+
+def apply_residuals(
+    residuals: str | os.PathLike,
+    target: str | os.PathLike | Checkpoint,
+    out_dir: str | os.PathLike,
+    *,
+    scale: float = 1.0,
+    dtype: str | torch.dtype | None = None,
+    normalize_embeddings: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    progress: arithmetic.Progress | None = None,
+) -> Result:
+    """θ_out = θ_target + scale·R, streamed into a complete model folder."""
+    out_dtype = _float_dtype(dtype)
+    res_ck, res_cfg = open_residuals(residuals, token=token, cache_dir=cache_dir)
+    target_ck = (
+        target
+        if isinstance(target, Checkpoint)
+        else open_model(target, role="target", token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    )
+    res_tok_len = tokenizer_length(res_ck.folder)
+    target_hash = shapes_hash(target_ck.tensors.values())[0]
+    plan = arithmetic.plan_tensors(
+        [("target", target_ck), ("residuals", res_ck)],
+        out_dtype=_cast_floats(out_dtype),
+        normalize_embeddings=normalize_embeddings,
+        vocab_sizes=[target_ck.vocab_size, (read_manifest(res_ck.folder) or {}).get("vocab_rows")],
+        min_vocab_rows=res_tok_len if normalize_embeddings else None,
+        optional_extra=_tied_output_is_optional(target_ck),
+        mismatch_hint=(
+            f" These residuals were computed from {res_cfg.base_model_name or 'an unknown base'} "
+            f"(shapes_hash {res_cfg.shapes_hash[:12]}…); the target's shapes_hash is {target_hash[:12]}…: "
+            "apply them to a model of that architecture and size."
+        ),
+    )
+    check_free_disk(Path(out_dir), plan.total_bytes)
+    try:
+        return _write_merged(
+            plan,
+            arithmetic.make_apply(scale),
+            out_dir,
+            target_ck=target_ck,
+            tokenizer_source=res_ck.folder if has_tokenizer(res_ck.folder) else None,
+            tokenizer_length_=res_tok_len,
+            generation_config=res_ck.folder / "generation_config.json",
+            out_dtype=out_dtype,
+            lineage={
+                "target": target_ck.label,
+                "instruct": res_cfg.instruct_model_name,
+                "base": res_cfg.base_model_name,
+                "residuals": str(residuals),
+            },
+            scale=scale,
+            license=res_cfg.license,
+            language=res_cfg.language,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            device=device,
+            progress=progress,
+        )
+    finally:
+        _close_all(res_ck, target_ck)
+
+
+def merge_models(
+    base: str | os.PathLike | Checkpoint,
+    instruct: str | os.PathLike | Checkpoint,
+    target: str | os.PathLike | Checkpoint,
+    out_dir: str | os.PathLike,
+    *,
+    scale: float = 1.0,
+    dtype: str | torch.dtype | None = None,
+    normalize_embeddings: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    progress: arithmetic.Progress | None = None,
+) -> Result:
+    """θ_out = θ_target + scale·(θ_instruct − θ_base) in one pass; no residuals are written."""
+    out_dtype = _float_dtype(dtype)
+    opened = [
+        m
+        if isinstance(m, Checkpoint)
+        else open_model(m, role=role, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+        for m, role in ((target, "target"), (base, "base"), (instruct, "instruct"))
+    ]
+    target_ck, base_ck, inst_ck = opened
+    inst_tok_len = tokenizer_length(inst_ck.folder)
+    plan = arithmetic.plan_tensors(
+        [("target", target_ck), ("base", base_ck), ("instruct", inst_ck)],
+        out_dtype=_cast_floats(out_dtype),
+        normalize_embeddings=normalize_embeddings,
+        vocab_sizes=[target_ck.vocab_size, base_ck.vocab_size, inst_ck.vocab_size],
+        min_vocab_rows=inst_tok_len if normalize_embeddings else None,
+    )
+    check_free_disk(Path(out_dir), plan.total_bytes)
+    try:
+        return _write_merged(
+            plan,
+            arithmetic.make_merge(scale),
+            out_dir,
+            target_ck=target_ck,
+            tokenizer_source=inst_ck.folder if inst_tok_len else None,
+            tokenizer_length_=inst_tok_len,
+            generation_config=inst_ck.folder / "generation_config.json",
+            out_dtype=out_dtype,
+            lineage={
+                "target": target_ck.label,
+                "instruct": inst_ck.label,
+                "base": base_ck.label,
+                "residuals": None,
+            },
+            scale=scale,
+            license=None,
+            language=None,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            device=device,
+            progress=progress,
+        )
+    finally:
+        _close_all(*opened)
+
+
+def _write_merged(
+    plan: arithmetic.Plan,
+    combine: Callable,
+    out_dir: str | os.PathLike,
+    *,
+    target_ck: Checkpoint,
+    tokenizer_source: Path | None,
+    tokenizer_length_: int | None,
+    generation_config: Path,
+    out_dtype: torch.dtype | None,
+    lineage: dict[str, str | None],
+    scale: float,
+    license: str | None,
+    language: str | list[str] | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+    device: str | torch.device,
+    progress: arithmetic.Progress | None,
+) -> Result:
+    with AtomicFolder(out_dir, overwrite=overwrite) as out:
+        weights, tensor_stats = _stream(
+            plan,
+            combine,
+            out.path,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            device=device,
+            reference_operand=0,
+        )
+        before = set(os.listdir(out.path))
+        _write_json(out.path / "config.json", _merged_model_config(target_ck, plan, out_dtype))
+        rows = plan.vocab_rows or target_ck.vocab_size
+        # the instruct tokenizer (chat template and all) when the result's vocabulary holds it
+        if tokenizer_source is not None and (rows is None or (tokenizer_length_ or 0) <= rows):
+            copy_tokenizer(tokenizer_source, out.path)
+        else:
+            copy_tokenizer(target_ck.folder, out.path)
+        for candidate in (generation_config, target_ck.folder / "generation_config.json"):
+            if candidate.is_file():
+                shutil.copy2(candidate, out.path / "generation_config.json")
+                break
+        per_tensor = {n: s.as_dict() for n, s in tensor_stats.items()}
+        summary = stats.summarize(per_tensor)
+        extra = sorted(set(os.listdir(out.path)) - before)
+        stored = _stored_dtypes(plan)
+        manifest = _finish_folder(
+            out.path,
+            weights,
+            extra,
+            {
+                "kind": "merged",
+                "lineage": lineage,
+                "scale": scale,
+                "storage_dtype": stored,
+                "vocab_rows": plan.vocab_rows,
+                "notes": plan.notes,
+                "summary": summary,
+                "tensors": per_tensor,
+            },
+        )
+        card.merged_card(
+            name=Path(out_dir).name,
+            target=lineage["target"] or "",
+            instruct=lineage["instruct"],
+            base=lineage["base"],
+            residuals=lineage["residuals"],
+            scale=scale,
+            dtype=stored,
+            manifest=manifest,
+            summary=summary,
+            license=license,
+            language=language,
+        ).save(out.path / "README.md")
+    return Result(
+        path=Path(out_dir).absolute(),
+        tensors=per_tensor,
+        summary=summary,
+        manifest=manifest,
+        notes=plan.notes,
+    )
+
+
+def _stored_dtypes(plan: arithmetic.Plan) -> str:
+    names = sorted({dtype_name(o.dtype) for o in plan.outputs if o.dtype.is_floating_point})
+    return ", ".join(names) or "n/a"
+
+
+def _merged_model_config(target_ck: Checkpoint, plan: arithmetic.Plan, out_dtype: torch.dtype | None) -> dict:
+    config = dict(target_ck.config or {})
+    if not config:
+        raise ResidualsError(
+            f"The target model {target_ck.label} has no config.json.",
+            "Give a complete model folder (config.json next to the weights) as the target.",
+        )
+    holder = config["text_config"] if "vocab_size" not in config and "text_config" in config else config
+    if plan.vocab_rows and holder.get("vocab_size") and plan.vocab_rows > holder["vocab_size"]:
+        holder["vocab_size"] = plan.vocab_rows
+    if out_dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = dtype_name(out_dtype)
+        config.setdefault("dtype", dtype_name(out_dtype))
+    return config

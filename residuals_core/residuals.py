@@ -1,0 +1,657 @@
+"""`Residuals`: the public API of the `residuals` package (0.3.x), on a streaming engine.
+
+Given model instances it works in memory as that package does. Given paths or Hub ids it never
+loads a model: `from_models` only checks headers and computes lazily (straight into the folder
+passed to `save_pretrained`, or into a temporary folder when tensors are needed), and
+`from_pretrained` reads tensors from the files on demand.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import arithmetic, hub, operations
+from .checkpoint import Checkpoint, StateDictSource, TensorSource, dtype_from_name, dtype_name
+from .config import ResidualsConfig, build_config
+from .errors import ResidualsError
+from .tokenizer import (
+    align_tokenizer_and_embeddings,
+    copy_tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+    resize_model_to_tokenizer,
+)
+from .writer import DEFAULT_MAX_SHARD_SIZE
+
+ModelLike = Any  # a transformers PreTrainedModel, a local path or a Hub id
+
+
+class LazyStateDict(Mapping):
+    """name -> tensor, read from the residuals files only when asked (one tensor at a time)."""
+
+    def __init__(self, source: TensorSource, device=None, dtype: torch.dtype | None = None):
+        self._source = source
+        self._device = device
+        self._dtype = dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._source.tensors:
+            raise KeyError(name)
+        tensor = self._source.read(name).clone()
+        cast = self._dtype if (self._dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
+        return tensor.to(device=self._device or "cpu", dtype=cast)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source.tensors)
+
+    def __len__(self) -> int:
+        return len(self._source.tensors)
+
+
+def _is_path_like(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike))
+
+
+def _model_name(model: Any) -> str | None:
+    if _is_path_like(model):
+        return str(model)
+    config = getattr(model, "config", None)
+    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+
+
+def _open_input(model: Any, role: str, **kwargs) -> TensorSource:
+    if isinstance(model, Checkpoint):
+        return model
+    if _is_path_like(model):
+        return operations.open_model(model, role=role, **kwargs)
+    if isinstance(model, torch.nn.Module):
+        return StateDictSource(model.state_dict(), label=_model_name(model) or f"{role} model instance")
+    raise ResidualsError(
+        f"{role}_model must be a model instance, a local folder or a Hub id; got {type(model).__name__}.",
+        "Pass e.g. 'meta-llama/Meta-Llama-3-8B' or an AutoModelForCausalLM instance.",
+    )
+
+
+def _vocab_size(model: Any, source: TensorSource) -> int | None:
+    if isinstance(source, Checkpoint):
+        return source.vocab_size
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size is None and hasattr(model, "get_input_embeddings"):
+        size = model.get_input_embeddings().weight.shape[0]
+    return size
+
+
+class Residuals:
+    """Instruction residuals R = θ_instruct − θ_base with load / save / apply ergonomics."""
+
+    def __init__(
+        self,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        config: ResidualsConfig | None = None,
+        instruct_tokenizer: Any = None,
+    ):
+        self._memory: dict[str, torch.Tensor] | None = dict(state_dict) if state_dict is not None else None
+        self.config = (
+            config
+            if config is not None
+            else build_config([], tokenizer_name=None, base_model_name=None, instruct_model_name=None)
+        )
+        self._tokenizer = instruct_tokenizer
+        self._folder: Path | None = None  # file-backed residuals
+        self._pending: dict[str, Any] | None = None  # lazy compute from two checkpoints
+        self._cast: tuple[Any, torch.dtype | None] = (None, None)
+        self._stats: dict[str, Any] = {}
+        self._temp_holder: Any = None  # keeps a temporary folder alive while this object lives
+
+    # ---- construction ------------------------------------------------------------------------
+    @staticmethod
+    def from_models(
+        base_model: ModelLike = None,
+        instruct_model: ModelLike = None,
+        instruct_tokenizer: Any = None,
+        instruct_tokenizer_name: str | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device | None = "cpu",
+        normalize_embeddings: bool = True,
+        *,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+    ) -> Residuals:
+        """Residuals of instruct − base; each model a path, a Hub id or an instance.
+
+        With paths or ids nothing is loaded: headers are checked now (so incompatible pairs fail in
+        seconds) and tensors are streamed later, straight into `save_pretrained`'s folder.
+        """
+        if base_model is None:
+            raise ResidualsError(
+                "base_model is missing.", "Pass the base model as an instance, a folder or a Hub id."
+            )
+        if instruct_model is None:
+            raise ResidualsError(
+                "instruct_model is missing.", "Pass the instruct model as an instance, a folder or a Hub id."
+            )
+        storage = dtype_from_name(dtype)
+        opts = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
+        base_src = _open_input(base_model, "base", **opts)
+        inst_src = _open_input(instruct_model, "instruct", **opts)
+        tokenizer = instruct_tokenizer
+        if tokenizer is None and instruct_tokenizer_name is not None:
+            tokenizer = load_tokenizer(instruct_tokenizer_name)
+        if tokenizer is None and not isinstance(inst_src, Checkpoint):
+            inferred = _model_name(instruct_model)
+            if inferred:
+                try:
+                    tokenizer = load_tokenizer(inferred)
+                    instruct_tokenizer_name = instruct_tokenizer_name or inferred
+                except ResidualsError:
+                    tokenizer = None
+        tokenizer_name = instruct_tokenizer_name or (
+            getattr(tokenizer, "name_or_path", None) if tokenizer else None
+        )
+
+        if isinstance(base_src, Checkpoint) and isinstance(inst_src, Checkpoint):
+            # validate now from headers alone; compute lazily
+            tok_name, tok_len, _ = operations.instruct_tokenizer_info(
+                inst_src, tokenizer, instruct_tokenizer_name
+            )
+            plan = arithmetic.plan_tensors(
+                [("base", base_src), ("instruct", inst_src)],
+                out_dtype=lambda info: storage if info.dtype.is_floating_point else info.dtype,
+                normalize_embeddings=normalize_embeddings,
+                vocab_sizes=[base_src.vocab_size, inst_src.vocab_size],
+                min_vocab_rows=tok_len if normalize_embeddings else None,
+            )
+            res = Residuals(
+                config=build_config(
+                    [o.info for o in plan.outputs],
+                    tokenizer_name=tok_name,
+                    base_model_name=base_src.label,
+                    instruct_model_name=inst_src.label,
+                ),
+                instruct_tokenizer=tokenizer,
+            )
+            res._pending = {
+                "base": base_src,
+                "instruct": inst_src,
+                "dtype": storage,
+                "normalize_embeddings": normalize_embeddings,
+                "instruct_tokenizer": tokenizer,
+                "instruct_tokenizer_name": instruct_tokenizer_name,
+                "device": device or "cpu",
+            }
+            return res
+
+        # at least one instance: compute in memory, as the residuals package does
+        tok_len = len(tokenizer) if (tokenizer is not None and normalize_embeddings) else None
+        if not normalize_embeddings and tokenizer is not None:
+            sizes = {_vocab_size(m, s) for m, s in ((base_model, base_src), (instruct_model, inst_src))}
+            if any(size is not None and size != len(tokenizer) for size in sizes):
+                raise ResidualsError(
+                    f"Tokenizer vocab length ({len(tokenizer)}) does not match model embedding sizes ({sorted(sizes)}).",
+                    "Set normalize_embeddings=True to auto-resize.",
+                )
+        plan = arithmetic.plan_tensors(
+            [("base", base_src), ("instruct", inst_src)],
+            out_dtype=lambda info: storage if info.dtype.is_floating_point else info.dtype,
+            normalize_embeddings=normalize_embeddings,
+            vocab_sizes=[_vocab_size(base_model, base_src), _vocab_size(instruct_model, inst_src)],
+            min_vocab_rows=tok_len,
+        )
+        sink = arithmetic.DictSink(plan)
+        stats = arithmetic.execute(
+            plan,
+            arithmetic.residual_of,
+            sink,
+            reference_operand=0,
+            check_reconstruction=arithmetic.reconstruction_check,
+            device=device or "cpu",
+            piece_bytes=1 << 62,
+        )
+        state = sink.tensors()
+        config = build_config(
+            [o.info for o in plan.outputs],
+            tokenizer_name=tokenizer_name,
+            base_model_name=_model_name(base_model),
+            instruct_model_name=_model_name(instruct_model),
+        )
+        res = Residuals(state, config, instruct_tokenizer=tokenizer)
+        res._stats = {
+            "tensors": {n: s.as_dict() for n, s in stats.items()},
+            "reconstruction": arithmetic.describe_stats(stats),
+        }
+        if device not in (None, "cpu"):
+            res._memory = {k: v.to(device) for k, v in state.items()}
+        return res
+
+    @staticmethod
+    def from_pretrained(
+        path: str | os.PathLike,
+        map_location: str | torch.device = "cpu",
+        token: str | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        verify: bool = True,
+    ) -> Residuals:
+        """Open a residuals folder or Hub repo; tensors stay on disk until read. Hashes are verified."""
+        ck, config = operations.open_residuals(
+            path, token=token, revision=revision, cache_dir=cache_dir, verify=verify
+        )
+        ck.close()
+        res = Residuals(config=config)
+        res._folder = ck.folder
+        res._cast = (map_location, None)
+        manifest = operations.read_manifest(ck.folder) or {}
+        res._stats = {k: manifest.get(k) for k in ("tensors", "reconstruction") if manifest.get(k)}
+        return res
+
+    # ---- views -------------------------------------------------------------------------------
+    def _source(self) -> TensorSource:
+        if self._memory is not None:
+            return StateDictSource(self._memory, label="residuals")
+        self._materialize()
+        return Checkpoint.open(self._folder)
+
+    def _materialize(self) -> None:
+        """Run a pending lazy compute into a temporary folder (removed with this object)."""
+        if self._pending is None:
+            return
+        holder = tempfile.TemporaryDirectory(prefix="residuals-")
+        out = Path(holder.name) / "residuals"
+        self._run_pending(out)
+        self._temp_holder = holder
+        weakref.finalize(self, shutil.rmtree, holder.name, True)
+
+    def _run_pending(self, out_dir: Path, **kwargs) -> operations.Result:
+        job = self._pending
+        dtype = self._cast[1] or job["dtype"]
+        result = operations.compute_residuals(
+            job["base"],
+            job["instruct"],
+            out_dir,
+            dtype=dtype,
+            normalize_embeddings=job["normalize_embeddings"],
+            instruct_tokenizer=job["instruct_tokenizer"],
+            instruct_tokenizer_name=job["instruct_tokenizer_name"],
+            device=job["device"],
+            config=copy.deepcopy(self.config),
+            **kwargs,
+        )
+        self.config = result.config
+        self._stats = {"tensors": result.tensors, "reconstruction": result.reconstruction}
+        self._pending = None
+        self._cast = (self._cast[0], None)
+        self._folder = Path(out_dir)
+        return result
+
+    @property
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        """name -> residual tensor. File-backed residuals are read one tensor per access."""
+        if self._memory is not None:
+            return self._memory
+        self._materialize()
+        device, dtype = self._cast
+        return LazyStateDict(Checkpoint.open(self._folder), device=device, dtype=dtype)
+
+    @property
+    def instruct_tokenizer(self):
+        if self._tokenizer is None and self._folder is not None and has_tokenizer(self._folder):
+            self._tokenizer = load_tokenizer(self._folder)
+        return self._tokenizer
+
+    @instruct_tokenizer.setter
+    def instruct_tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Per-tensor norms and the reconstruction check, when they were measured."""
+        return self._stats
+
+    # ---- saving ------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        overwrite: bool = False,
+        progress: arithmetic.Progress | None = None,
+        _card_name: str | None = None,
+    ) -> Path:
+        """Write weights, tokenizer, config.json, manifest and README.md; atomically."""
+        out_dir = Path(out_dir)
+        if self._pending is not None:
+            self._run_pending(
+                out_dir,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                progress=progress,
+                card_name=_card_name or out_dir.name,
+            )
+            return out_dir.absolute()
+        if self._tokenizer is None and not (self._folder is not None and has_tokenizer(self._folder)):
+            raise ResidualsError(
+                "No instruct tokenizer to save with the residuals.",
+                "Set it via from_models(..., instruct_tokenizer=... or instruct_tokenizer_name=...).",
+            )
+        source = self._source()
+        _, dtype = self._cast
+        plan = arithmetic.plan_tensors(
+            [("residuals", source)],
+            out_dtype=lambda info: (
+                dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+            ),
+            normalize_embeddings=False,
+        )
+        operations.check_free_disk(out_dir, plan.total_bytes)
+        tokenizer = self._tokenizer
+        folder = self._folder
+
+        def save_tokenizer(target: Path) -> None:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(target))
+            else:
+                copy_tokenizer(folder, target)
+
+        recorded = self._stats.get("tensors")
+        try:
+            with operations.AtomicFolder(out_dir, overwrite=overwrite) as out:
+                weights, measured = operations._stream(
+                    plan,
+                    lambda pieces, o: (pieces[0], pieces[0]),
+                    out.path,
+                    max_shard_size=max_shard_size,
+                    progress=progress,
+                    device="cpu",
+                    reference_operand=None,
+                )
+                tensors = recorded or {n: s.as_dict() for n, s in measured.items()}
+                same_dtype = dtype is None or dtype_name(dtype) == self.config.dtype
+                operations.write_residuals_metadata(
+                    out.path,
+                    weights,
+                    plan=None,
+                    tensor_stats=tensors,
+                    reconstruction=self._stats.get("reconstruction") if same_dtype else None,
+                    base_name=self.config.base_model_name,
+                    instruct_name=self.config.instruct_model_name,
+                    tokenizer_name=self.config.tokenizer_name,
+                    save_tokenizer=save_tokenizer,
+                    generation_config=(folder / "generation_config.json") if folder else None,
+                    config=copy.deepcopy(self.config),
+                    card_name=_card_name or out_dir.name,
+                )
+        finally:
+            source.close()
+        return out_dir.absolute()
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+    ) -> Residuals:
+        """A new Residuals with tensors moved/cast; every piece of metadata is kept. The original is untouched."""
+        dtype = dtype_from_name(dtype) if dtype is not None else None
+        new = Residuals(config=copy.deepcopy(self.config), instruct_tokenizer=self._tokenizer)
+        new._stats = copy.deepcopy(self._stats)
+        if self._memory is not None:
+            new._memory = {
+                k: v.to(
+                    device=device if device is not None else v.device,
+                    dtype=dtype if (dtype is not None and v.dtype.is_floating_point) else v.dtype,
+                )
+                for k, v in self._memory.items()
+            }
+        else:
+            new._folder = self._folder
+            new._pending = dict(self._pending) if self._pending else None
+            new._temp_holder = self._temp_holder
+            new._cast = (device if device is not None else self._cast[0], dtype or self._cast[1])
+        if dtype is not None:
+            new.config.dtype = dtype_name(dtype)
+            if new._stats.get("reconstruction") and dtype != torch.float32:
+                new._stats.pop("reconstruction")
+        return new
+
+    # ---- applying ----------------------------------------------------------------------------
+    def apply(
+        self,
+        base_model: ModelLike = None,
+        base_tokenizer: Any = None,
+        instruct_tokenizer: Any = None,
+        base_tokenizer_name: str | None = None,
+        instruct_tokenizer_name: str | None = None,
+        out_dir: str | os.PathLike | None = None,
+        scale: float = 1.0,
+        normalize_embeddings: bool = True,
+        model_dtype: torch.dtype | str | None = None,
+        base_model_device: str | torch.device | None = "cpu",
+        *,
+        overwrite: bool = False,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        token: str | None = None,
+        progress: arithmetic.Progress | None = None,
+    ):
+        """Add scale·R to a model.
+
+        - A model instance is updated in place (as in the `residuals` package) and returned;
+          with `out_dir` it is also saved there.
+        - A path or Hub id with `out_dir` is streamed tensor by tensor into `out_dir` (no model is
+          loaded; output dtype `model_dtype`, default the checkpoint's) and the folder's Path is
+          returned: load it with `AutoModelForCausalLM.from_pretrained(out_dir)`.
+        - A path or Hub id without `out_dir` is loaded (float32 unless `model_dtype`), updated, returned.
+        """
+        if base_model is None:
+            raise ResidualsError(
+                "base_model is missing.",
+                "Pass the model to apply the residuals to (an instance, a folder or a Hub id).",
+            )
+        if _is_path_like(base_model) and out_dir is not None:
+            return self._apply_streaming(
+                base_model,
+                out_dir,
+                scale=scale,
+                normalize_embeddings=normalize_embeddings,
+                dtype=model_dtype,
+                overwrite=overwrite,
+                max_shard_size=max_shard_size,
+                token=token,
+                device=base_model_device or "cpu",
+                progress=progress,
+            )
+        if _is_path_like(base_model):
+            from transformers import AutoModelForCausalLM
+
+            folder = hub.resolve_model_folder(base_model, token=token)
+            operations.open_model(folder, role="base").close()  # the same early checks as streaming
+            base_model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype_from_name(model_dtype) if model_dtype else torch.float32
+            )
+            if base_model_device not in (None, "cpu"):
+                base_model = base_model.to(base_model_device)
+        tokenizer = instruct_tokenizer
+        if tokenizer is None and instruct_tokenizer_name is not None:
+            tokenizer = load_tokenizer(instruct_tokenizer_name)
+        if tokenizer is None:
+            tokenizer = self.instruct_tokenizer
+        self._apply_in_place(
+            base_model,
+            scale=scale,
+            normalize_embeddings=normalize_embeddings,
+            tokenizer=tokenizer,
+            base_tokenizer=base_tokenizer
+            or (load_tokenizer(base_tokenizer_name) if base_tokenizer_name else None),
+        )
+        if out_dir is not None:
+            with operations.AtomicFolder(out_dir, overwrite=overwrite) as out:
+                base_model.save_pretrained(str(out.path))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(out.path))
+        return base_model
+
+    def _apply_streaming(self, target: Any, out_dir: Any, **kwargs) -> Path:
+        job = self._pending
+        if job is not None and (self._cast[1] or job["dtype"]) == torch.float32:
+            # float32 residuals need not be stored: the one-pass merge computes the very same numbers
+            return operations.merge_models(job["base"], job["instruct"], target, out_dir, **kwargs).path
+        if self._memory is not None or self._cast[1] is not None:
+            holder = tempfile.TemporaryDirectory(prefix="residuals-")
+            try:
+                folder = self.save_pretrained(Path(holder.name) / "residuals")
+                return operations.apply_residuals(folder, target, out_dir, **kwargs).path
+            finally:
+                holder.cleanup()
+        self._materialize()
+        return operations.apply_residuals(self._folder, target, out_dir, **kwargs).path
+
+    def _apply_in_place(
+        self, model: torch.nn.Module, *, scale: float, normalize_embeddings: bool, tokenizer, base_tokenizer
+    ) -> None:
+        residuals = self.state_dict
+        params = dict(model.named_parameters())  # tied weights appear once
+        embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+        embed_name = next((n for n, p in params.items() if embed is not None and p is embed), None)
+        if normalize_embeddings and tokenizer is not None:
+            resize_model_to_tokenizer(model, tokenizer)
+        elif (
+            base_tokenizer is not None
+            and tokenizer is not None
+            and base_tokenizer.pad_token is None
+            and tokenizer.pad_token is not None
+        ):
+            align_tokenizer_and_embeddings(model, base_tokenizer)
+        if normalize_embeddings and embed_name and embed_name in residuals:
+            rows = residuals[embed_name].shape[0]
+            if rows > model.get_input_embeddings().weight.shape[0]:
+                from .tokenizer import _zero_rows
+
+                current = model.get_input_embeddings().weight.shape[0]
+                model.resize_token_embeddings(rows)
+                _zero_rows(model, rows - current)
+        params = dict(model.named_parameters())
+        missing = [n for n in params if n not in residuals]
+        if missing:
+            raise ResidualsError(
+                f"Residuals missing key: {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + ".",
+                "The residuals were computed for another architecture; apply them to a model of the family and size "
+                f"they came from ({self.config.base_model_name}). If the model has LoRA adapters, merge_and_unload() first.",
+            )
+        tensors = list(params.items()) + [(n, b) for n, b in model.named_buffers() if n in residuals]
+        with torch.no_grad():
+            for name, tensor in tensors:
+                delta = residuals[name]
+                if delta.shape != tensor.shape:
+                    rows_only = delta.dim() == tensor.dim() >= 1 and delta.shape[1:] == tensor.shape[1:]
+                    if normalize_embeddings and rows_only and delta.shape[0] < tensor.shape[0]:
+                        padded = torch.zeros(tensor.shape, dtype=delta.dtype, device=delta.device)
+                        padded[: delta.shape[0]] = delta
+                        delta = padded
+                    else:
+                        raise ResidualsError(
+                            f"Shape mismatch for {name}: param {tuple(tensor.shape)} vs delta {tuple(delta.shape)}.",
+                            "If tokenizers differ (e.g., added tokens), set normalize_embeddings=True or provide "
+                            "instruct_tokenizer/instruct_tokenizer_name to enable resizing.",
+                        )
+                delta = delta.to(tensor.device)
+                if tensor.dtype.is_floating_point:
+                    updated = tensor.float() + (delta.float() * scale if scale != 1.0 else delta.float())
+                    if not torch.isfinite(updated).all():
+                        raise ResidualsError(
+                            f"Applying the residuals gives NaN or Inf in {name}.",
+                            "Check the model and residuals for corrupt values, or use a smaller scale.",
+                        )
+                    tensor.copy_(updated.to(tensor.dtype))
+                else:
+                    tensor.add_(delta.to(tensor.dtype))
+
+    @staticmethod
+    def apply_to_pretrained(
+        model: ModelLike,
+        residuals: str | os.PathLike,
+        *,
+        out_dir: str | os.PathLike | None = None,
+        scale: float = 1.0,
+        normalize_embeddings: bool = True,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = "cpu",
+        map_location: str | torch.device = "cpu",
+        token: str | None = None,
+        base_tokenizer_name: str | None = None,
+        instruct_tokenizer_name: str | None = None,
+        overwrite: bool = False,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        progress: arithmetic.Progress | None = None,
+    ):
+        """Apply saved residuals (folder or Hub id) to a model; streams when both are on disk and out_dir is set."""
+        if _is_path_like(model) and out_dir is not None:
+            return operations.apply_residuals(
+                residuals,
+                model,
+                out_dir,
+                scale=scale,
+                dtype=dtype,
+                normalize_embeddings=normalize_embeddings,
+                overwrite=overwrite,
+                max_shard_size=max_shard_size,
+                token=token,
+                device=device or "cpu",
+                progress=progress,
+            ).path
+        res = Residuals.from_pretrained(residuals, map_location=map_location, token=token)
+        return res.apply(
+            model,
+            base_tokenizer_name=base_tokenizer_name,
+            instruct_tokenizer_name=instruct_tokenizer_name,
+            out_dir=out_dir,
+            scale=scale,
+            normalize_embeddings=normalize_embeddings,
+            model_dtype=dtype,
+            base_model_device=device,
+            overwrite=overwrite,
+            token=token,
+        )
+
+    @staticmethod
+    def merge(
+        base_model: str | os.PathLike,
+        instruct_model: str | os.PathLike,
+        target_model: str | os.PathLike,
+        out_dir: str | os.PathLike,
+        *,
+        scale: float = 1.0,
+        dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """One pass: target + scale·(instruct − base) into `out_dir`, no residuals written."""
+        return operations.merge_models(
+            base_model, instruct_model, target_model, out_dir, scale=scale, dtype=dtype, **kwargs
+        ).path
+
+    # ---- hub ---------------------------------------------------------------------------------
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        exist_ok: bool = True,
+        token: str | None = None,
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ) -> str:
+        """Save to a temporary folder (card written for `repo_id`) and upload it; returns the repo URL."""
+        with tempfile.TemporaryDirectory(prefix="residuals-push-") as tmp:
+            folder = Path(tmp) / "residuals"
+            # a lazy job computes into the throwaway folder through a copy, so this object stays lazy
+            source = self.to() if self._pending is not None else self
+            source.save_pretrained(folder, max_shard_size=max_shard_size, _card_name=repo_id)
+            return hub.push_folder(folder, repo_id, private=private, token=token, exist_ok=exist_ok)

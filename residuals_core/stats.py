@@ -1,0 +1,142 @@
+"""Per-layer and per-module norms of a residual, from per-tensor norms gathered while streaming.
+
+Grouping works on tensor names alone: the first number after a `layers`/`h`/`blocks`-style
+segment is the layer, and the module is recognised from common projection names, so any
+architecture gets a sensible picture without a list of known models.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .checkpoint import TensorSource
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)\.")
+_ANY_NUMBER = re.compile(r"\.(\d+)\.")
+_MODULES = [
+    ("attn.q", ("q_proj", "query", ".wq.", "q_lin")),
+    ("attn.k", ("k_proj", ".key", ".wk.", "k_lin")),
+    ("attn.v", ("v_proj", ".value", ".wv.", "v_lin")),
+    ("attn.qkv", ("qkv_proj", "c_attn", "query_key_value", "wqkv", "w_pack")),
+    ("attn.o", ("o_proj", "out_proj", "dense.", "attn.c_proj", ".wo.", "out_lin")),
+    ("mlp.gate", ("gate_proj", ".w1.", "gate_up_proj")),
+    ("mlp.up", ("up_proj", "c_fc", "dense_h_to_4h", ".w3.", "fc1", "fc_in")),
+    ("mlp.down", ("down_proj", "mlp.c_proj", "dense_4h_to_h", ".w2.", "fc2", "fc_out")),
+    ("norm", ("norm", "ln_", ".ln", "layernorm")),
+    ("embed", ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")),
+    ("head", ("lm_head", "output.weight", "score")),
+]
+
+
+def layer_of(name: str) -> int | None:
+    match = _LAYER.search(name) or _ANY_NUMBER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def module_of(name: str) -> str:
+    lowered = name.lower()
+    for module, needles in _MODULES:
+        if any(needle in lowered for needle in needles):
+            return module
+    return "other"
+
+
+def layer_label(name: str) -> str:
+    layer = layer_of(name)
+    if layer is not None:
+        return str(layer)
+    module = module_of(name)
+    return {"embed": "embed", "head": "head", "norm": "final_norm"}.get(module, "other")
+
+
+def summarize(tensors: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-layer and module×layer norms from {name: {norm, reference_norm, numel}}."""
+    layers: dict[str, dict[str, float]] = {}
+    grid: dict[tuple[str, str], float] = {}
+    for name, st in tensors.items():
+        label = layer_label(name)
+        row = layers.setdefault(label, {"norm_sq": 0.0, "reference_norm_sq": 0.0, "numel": 0})
+        row["norm_sq"] += st["norm"] ** 2
+        row["reference_norm_sq"] += st.get("reference_norm", 0.0) ** 2
+        row["numel"] += st["numel"]
+        key = (module_of(name), label)
+        grid[key] = grid.get(key, 0.0) + st["norm"] ** 2
+
+    def order(label: str) -> tuple[int, int]:
+        if label == "embed":
+            return (0, 0)
+        if label.isdigit():
+            return (1, int(label))
+        return (
+            2,
+            ["final_norm", "head", "other"].index(label) if label in ("final_norm", "head", "other") else 3,
+        )
+
+    per_layer = []
+    for label in sorted(layers, key=order):
+        row = layers[label]
+        norm = math.sqrt(row["norm_sq"])
+        ref = math.sqrt(row["reference_norm_sq"])
+        per_layer.append(
+            {
+                "layer": label,
+                "norm": norm,
+                "reference_norm": ref,
+                "relative": norm / ref if ref > 0 else None,
+                "numel": row["numel"],
+            }
+        )
+    total_sq = sum(r["norm_sq"] for r in layers.values())
+    ref_sq = sum(r["reference_norm_sq"] for r in layers.values())
+    return {
+        "total_norm": math.sqrt(total_sq),
+        "total_reference_norm": math.sqrt(ref_sq),
+        "relative": math.sqrt(total_sq / ref_sq) if ref_sq > 0 else None,
+        "layers": per_layer,
+        "modules": [
+            {"module": m, "layer": label, "norm": math.sqrt(v)} for (m, label), v in sorted(grid.items())
+        ],
+    }
+
+
+def tensor_norms(source: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) -> dict[str, dict[str, float]]:
+    """Norms of every tensor of a source, streamed (for residual folders saved without stats)."""
+    from .checkpoint import iter_row_ranges
+
+    result = {}
+    for name, info in source.tensors.items():
+        norm_sq = 0.0
+        if info.numel and info.dtype.is_floating_point:
+            for start, stop in iter_row_ranges(info, info.row_count, piece_bytes):
+                piece = source.read_rows(name, start, stop).to(torch.float64)
+                norm_sq += float(torch.sum(piece * piece))
+        result[name] = {"numel": info.numel, "norm": math.sqrt(norm_sq), "reference_norm": 0.0}
+    return result
+
+
+def cosine_by_layer(a: TensorSource, b: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) -> list[dict]:
+    """Per-layer cosine similarity of two residual sets over their common tensors (portability picture)."""
+    from .checkpoint import iter_row_ranges
+
+    acc: dict[str, list[float]] = {}
+    for name, info in a.tensors.items():
+        other = b.tensors.get(name)
+        if other is None or other.shape != info.shape or not info.dtype.is_floating_point:
+            continue
+        row = acc.setdefault(layer_label(name), [0.0, 0.0, 0.0])
+        for start, stop in iter_row_ranges(info, info.row_count, piece_bytes):
+            x = a.read_rows(name, start, stop).to(torch.float64)
+            y = b.read_rows(name, start, stop).to(torch.float64)
+            row[0] += float(torch.dot(x, y))
+            row[1] += float(torch.dot(x, x))
+            row[2] += float(torch.dot(y, y))
+    out = []
+    for label, (xy, xx, yy) in acc.items():
+        denom = math.sqrt(xx * yy)
+        out.append({"layer": label, "cosine": xy / denom if denom > 0 else None})
+    return out

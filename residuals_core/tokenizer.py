@@ -1,0 +1,104 @@
+"""Tokenizer files and vocabulary alignment.
+
+Folders are handled by copying tokenizer files verbatim (exactly what the model was trained
+with, chat template included); the length of a tokenizer decides how many vocabulary rows a
+result needs. For model instances, the `residuals` package's in-place behaviours are kept:
+PAD added when missing, embeddings resized, new rows zeroed (transformers mean-initialises them).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import ResidualsError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DEFAULT_PAD_TOKEN = "[PAD]"
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    found = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    found += sorted(folder.glob("*.tiktoken"))
+    return found
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any(p.name != "special_tokens_map.json" for p in tokenizer_files(folder))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for path in tokenizer_files(src):
+        shutil.copy2(path, Path(dst) / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def load_tokenizer(name_or_path: str | Path, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except Exception as exc:  # transformers raises many types here
+        raise ResidualsError(
+            f"Could not load a tokenizer from {name_or_path} ({type(exc).__name__}: {exc}).",
+            "Pass the instruct model's tokenizer explicitly (instruct_tokenizer=... or instruct_tokenizer_name=...).",
+        ) from exc
+
+
+def tokenizer_length(folder: Path) -> int | None:
+    """len(tokenizer) of the tokenizer saved in `folder`, or None when it has none."""
+    if not has_tokenizer(Path(folder)):
+        return None
+    return len(load_tokenizer(folder))
+
+
+def resize_model_to_tokenizer(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
+    """Grow a model's embeddings to len(tokenizer) with zeroed new rows; never shrink."""
+    target = len(tokenizer)
+    current = model.get_input_embeddings().weight.shape[0]
+    if target <= current:
+        return model
+    model.resize_token_embeddings(target)
+    _zero_rows(model, target - current)
+    return model
+
+
+def align_tokenizer_and_embeddings(model: torch.nn.Module, tokenizer):
+    """Add a PAD token when the tokenizer has none, resize embeddings, zero the new rows."""
+    added = 0
+    if tokenizer.pad_token is None:
+        added = tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
+    if added:
+        current = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > current:
+            model.resize_token_embeddings(len(tokenizer))
+            _zero_rows(model, len(tokenizer) - current)
+    return model, tokenizer
+
+
+def _zero_rows(model: torch.nn.Module, count: int) -> None:
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-count:] = 0
+        output = model.get_output_embeddings()
+        if output is not None:
+            output.weight[-count:] = 0
+            if getattr(output, "bias", None) is not None:
+                output.bias[-count:] = 0
