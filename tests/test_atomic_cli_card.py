@@ -1,0 +1,174 @@
+"""Atomic outputs under a kill, the command line, and the model cards."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from huggingface_hub import ModelCard
+from tiny_models import load_state
+from transformers import AutoModelForCausalLM
+
+from residuals_core import Residuals, compute_residuals
+from residuals_core.card import merged_card
+
+ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "residuals_core", *map(str, args)], capture_output=True, text=True, env=ENV
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_kill_mid_write_leaves_nothing_that_looks_complete(tmp_path, families):
+    fam = families("llama", dtype=torch.bfloat16)
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from residuals_core import compute_residuals
+        def progress(done, total, name):
+            if done == total // 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        compute_residuals({str(fam["base"])!r}, {str(fam["instruct"])!r}, {str(tmp_path / "out")!r},
+                          max_shard_size="30KB", progress=progress)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV)
+    assert proc.returncode == -9
+    assert not (tmp_path / "out").exists()
+    leftovers = list(tmp_path.glob(".out.partial-*"))
+    assert len(leftovers) == 1 and list(leftovers[0].glob("*.safetensors"))  # it really was mid-write
+    compute_residuals(fam["base"], fam["instruct"], tmp_path / "out")  # a rerun works and tidies up
+    assert not list(tmp_path.glob(".out.partial-*"))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_cli_compute_apply_merge_inspect(tmp_path, families):
+    fam = families("qwen2")
+    proc = run_cli("compute", "--base", fam["base"], "--instruct", fam["instruct"], "--out", tmp_path / "res")
+    assert "reconstruction check: exact" in proc.stdout
+    assert "compute" in proc.stderr and "tensor" in proc.stderr  # the tqdm bar over tensors
+    run_cli(
+        "apply",
+        "--residuals",
+        tmp_path / "res",
+        "--model",
+        fam["base"],
+        "--out",
+        tmp_path / "rebuilt",
+        "--quiet",
+    )
+    inst = load_state(fam["instruct"])
+    rebuilt = load_state(tmp_path / "rebuilt")
+    assert all(torch.equal(rebuilt[k], inst[k]) for k in inst)
+    run_cli(
+        "merge",
+        "--base",
+        fam["base"],
+        "--instruct",
+        fam["instruct"],
+        "--target",
+        fam["target"],
+        "--out",
+        tmp_path / "merged",
+        "--scale",
+        "0.5",
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "30KB",
+        "--quiet",
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.dtype == torch.bfloat16
+    report = json.loads(run_cli("inspect", tmp_path / "res", "--json").stdout)
+    assert [row["layer"] for row in report["layers"]] == ["embed", "0", "1", "final_norm", "head"]
+    assert report["reconstruction"]["exact"] is True
+    assert all(row["norm"] > 0 and 0 < row["relative"] < 10 for row in report["layers"])
+    table = run_cli("inspect", tmp_path / "res").stdout
+    assert "‖R‖/‖θ‖" in table and "final_norm" in table
+
+
+def test_cli_errors_are_actionable(tmp_path, families):
+    proc = run_cli(
+        "compute",
+        "--base",
+        tmp_path / "missing",
+        "--instruct",
+        families("llama")["instruct"],
+        "--out",
+        tmp_path / "o",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "error: base model: No folder at" in proc.stderr and "what to do:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_explains_commands():
+    text = run_cli("--help").stdout
+    for word in ("compute", "apply", "merge", "inspect", "examples:"):
+        assert word in text
+    assert "--scale" in run_cli("apply", "--help").stdout
+
+
+def test_residuals_card_metadata_and_sections(tmp_path, families):
+    fam = families("llama")
+    base = AutoModelForCausalLM.from_pretrained(fam["base"])
+    inst = AutoModelForCausalLM.from_pretrained(fam["instruct"])
+    base.config.name_or_path = "acme/tiny-base"
+    inst.config.name_or_path = "acme/tiny-instruct"
+    from transformers import AutoTokenizer
+
+    res = Residuals.from_models(base, inst, instruct_tokenizer=AutoTokenizer.from_pretrained(fam["instruct"]))
+    res.config.license = "apache-2.0"
+    res.config.language = "en"
+    out = res.save_pretrained(tmp_path / "res")
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "acme/tiny-base"
+    assert data["base_model_relation"] == "adapter"
+    assert data["instruct_model"] == "acme/tiny-instruct"
+    assert data["pipeline_tag"] == "text-generation" and data["library_name"] == "residuals"
+    assert data["license"] == "apache-2.0" and data["language"] == "en"
+    assert {"residuals", "task-arithmetic"} <= set(data["tags"])
+    manifest = json.loads((out / "residuals_manifest.json").read_text())
+    for section in ("## Usage", "## Files", "## Provenance", "## Per-layer norms"):
+        assert section in card.text
+    for name, entry in manifest["files"].items():
+        assert f"`{name}`" in card.text and entry["sha256"] in card.text
+    assert "model.safetensors" in manifest["files"] and "config.json" in manifest["files"]
+
+
+def test_usage_code_in_card_runs(tmp_path, families, monkeypatch):
+    fam = families("llama")
+    compute_residuals(fam["base"], fam["instruct"], tmp_path / "res")
+    text = (tmp_path / "res" / "README.md").read_text()
+    code = text.split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"res"', repr(str(tmp_path / "res")))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "card-usage", "exec"), {})
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_merged_card_lineage():
+    card = merged_card(
+        name="me/merged",
+        target="me/cpt-base",
+        instruct="org/instruct",
+        base="org/base",
+        residuals=None,
+        scale=1.0,
+        dtype="bfloat16",
+        manifest={"model.safetensors": {"sha256": "ab" * 32, "size": 10}},
+    )
+    data = card.data.to_dict()
+    assert data["base_model"] == ["me/cpt-base", "org/instruct"]
+    assert data["base_model_relation"] == "merge"
+    assert "ab" * 32 in card.text
