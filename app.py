@@ -11,7 +11,7 @@ import gradio as gr
 from residuals_core import ResidualsError, compute_residuals
 
 
-def compute(base: str, instruct: str, dtype: str, progress=gr.Progress()) -> str:
+def compute(base: str, instruct: str, dtype: str, progress=gr.Progress()) -> str:  # noqa: B008 (gradio injects it)
     out = tempfile.mkdtemp(prefix="residuals-") + "/residuals"
 
     def report(done: int, total: int, name: str) -> None:

@@ -27,7 +27,7 @@ def test_unknown_local_path(tmp_path):
 
 def test_unknown_hub_id_offline_is_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ResidualsError, match="unreachable|not found"):
+    with pytest.raises(ResidualsError, match=r"unreachable|not found"):
         compute_residuals("no-such-org/no-such-model", "no-such-org/other", tmp_path / "out")
 
 
@@ -127,7 +127,7 @@ def test_existing_output_not_overwritten_without_flag(tmp_path, families):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ResidualsError, match="already exists.*overwrite=True"):
+    with pytest.raises(ResidualsError, match=r"already exists.*overwrite=True"):
         compute_residuals(fam["base"], fam["instruct"], out)
     assert (out / "precious.txt").read_text() == "keep me"
     compute_residuals(fam["base"], fam["instruct"], out, overwrite=True)
@@ -169,7 +169,7 @@ def test_missing_instruct_tokenizer_fails_before_work(tmp_path, families):
     for f in inst.glob("tokenizer*"):
         f.unlink()
     start = time.monotonic()
-    with pytest.raises(ResidualsError, match="no tokenizer files.*instruct_tokenizer_name"):
+    with pytest.raises(ResidualsError, match=r"no tokenizer files.*instruct_tokenizer_name"):
         compute_residuals(fam["base"], inst, tmp_path / "out")
     assert time.monotonic() - start < 30
     assert not (tmp_path / "out").exists()
@@ -189,7 +189,7 @@ def test_target_without_config(tmp_path, families):
     target = tmp_path / "target"
     shutil.copytree(fam["target"], target)
     (target / "config.json").unlink()
-    with pytest.raises(ResidualsError, match="has no config.json"):
+    with pytest.raises(ResidualsError, match=r"has no config.json"):
         apply_residuals(tmp_path / "res", target, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
