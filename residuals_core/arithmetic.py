@@ -236,7 +236,7 @@ def execute(
     check_reconstruction: Callable[[list[torch.Tensor | None], torch.Tensor, OutputTensor], tuple[int, float]]
     | None = None,
     device: str | torch.device = "cpu",
-    piece_bytes: int = DEFAULT_PIECE_BYTES,
+    piece_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, TensorStats]:
     """Stream every output tensor through `combine` into `sink`; return per-tensor norms.
@@ -245,6 +245,7 @@ def execute(
     residual itself for compute, the scaled residual actually added for apply and merge).
     """
     device = torch.device(device)
+    piece_bytes = piece_bytes or DEFAULT_PIECE_BYTES
     stats: dict[str, TensorStats] = {}
     buffers: dict = {}
     total = len(plan.outputs)

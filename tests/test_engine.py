@@ -170,3 +170,27 @@ def test_buffers_and_integer_tensors_in_checkpoints(tmp_path):
     assert out["position_ids"].dtype == torch.int64
     assert torch.equal(out["scalar"], torch.tensor(4.5))
     assert torch.allclose(out["rotary.inv_freq"], torch.linspace(0, 1, 8) * 4)
+
+
+def test_tensors_larger_than_the_buffer_are_read_in_row_pieces(families, tmp_path, monkeypatch):
+    """Stream, don't load: no read is larger than the piece size, and the result is still exact."""
+    from residuals_core import arithmetic
+    from residuals_core.checkpoint import Checkpoint
+
+    piece_bytes = 4096
+    monkeypatch.setattr(arithmetic, "DEFAULT_PIECE_BYTES", piece_bytes)
+    largest = {"elements": 0}
+    real_read = Checkpoint.read_rows
+
+    def spy(self, name, start, stop, out=None):
+        largest["elements"] = max(largest["elements"], (stop - start) * self.tensors[name].row_numel)
+        return real_read(self, name, start, stop, out)
+
+    monkeypatch.setattr(Checkpoint, "read_rows", spy)
+    fam = families("llama")
+    embed_bytes = load_state(fam["base"])["model.embed_tokens.weight"].numel() * 4
+    assert embed_bytes > 8 * piece_bytes
+    compute_residuals(fam["base"], fam["instruct"], tmp_path / "res")
+    apply_residuals(tmp_path / "res", fam["base"], tmp_path / "rebuilt")
+    assert 0 < largest["elements"] * 4 <= piece_bytes
+    assert_same_state(tmp_path / "rebuilt", fam["instruct"])
