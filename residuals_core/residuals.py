@@ -478,6 +478,7 @@ class Residuals:
             )
             if base_model_device not in (None, "cpu"):
                 base_model = base_model.to(base_model_device)
+        self._materialize()  # a lazy job's tokenizer and tensors live in its folder
         tokenizer = instruct_tokenizer
         if tokenizer is None and instruct_tokenizer_name is not None:
             tokenizer = load_tokenizer(instruct_tokenizer_name)

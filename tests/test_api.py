@@ -163,3 +163,22 @@ def test_save_without_tokenizer_is_refused(families, tmp_path):
     with pytest.raises(ResidualsError, match="instruct_tokenizer"):
         res.save_pretrained(tmp_path / "res")
     assert not (tmp_path / "res").exists()
+
+
+def test_pad_alignment_when_not_normalizing(tmp_path):
+    """The residuals package's path: base tokenizer lacks PAD, instruct has it -> PAD added, rows zeroed."""
+    from tiny_models import build_tokenizer, make_model, perturbed, save
+
+    base_tok, inst_tok = build_tokenizer(), build_tokenizer()
+    inst_tok.add_special_tokens({"pad_token": "[PAD]"})
+    base = make_model("llama", len(base_tok), seed=1)
+    inst = perturbed(base, seed=2)
+    inst.resize_token_embeddings(len(inst_tok), mean_resizing=False)
+    save(base, base_tok, tmp_path / "base")
+    save(inst, inst_tok, tmp_path / "inst")
+    res = Residuals.from_models(tmp_path / "base", tmp_path / "inst")
+    target, target_tok = load(tmp_path / "base"), build_tokenizer()
+    assert target_tok.pad_token is None
+    res.apply(target, base_tokenizer=target_tok, normalize_embeddings=False)
+    assert target_tok.pad_token == "[PAD]" and len(target_tok) == len(inst_tok)
+    assert_models_equal(target, load(tmp_path / "inst"))
