@@ -190,7 +190,8 @@ class DictSink:
         self._pieces: dict[str, list[torch.Tensor]] = {}
 
     def write(self, name: str, piece: torch.Tensor) -> None:
-        self._pieces.setdefault(name, []).append(piece)
+        # pieces may be views of reused read buffers or of the caller's parameters: keep a copy
+        self._pieces.setdefault(name, []).append(piece.clone())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: torch.cat(p).reshape(self._shapes[n]) for n, p in self._pieces.items()}
