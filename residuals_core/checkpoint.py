@@ -269,6 +269,35 @@ class Checkpoint(TensorSource):
         self._handles.clear()
 
 
+class RemoteCheckpoint(Checkpoint):
+    """A Hub model seen through its safetensors headers (ranged reads) before any weight is downloaded.
+
+    Plans and compatibility checks run on it; `fetch()` then downloads the weights and returns
+    the local `Checkpoint` to read from.
+    """
+
+    def __init__(self, preview, config: dict | None):
+        tensors = {
+            name: TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(shape), None, begin)
+            for name, (code, shape, (begin, _end)) in preview.headers.items()
+            if code in SAFETENSORS_DTYPES
+        }
+        super().__init__(preview.folder, tensors, [], config)
+        self.preview = preview
+        self.label = preview.repo_id
+
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise RuntimeError(f"{self.label}: weights not downloaded yet; call fetch() first")
+
+    def fetch(self, *, token: str | None = None, cache_dir=None, allow_pickle: bool = False) -> Checkpoint:
+        from .hub import download_weights
+
+        folder = download_weights(self.preview, token=token, cache_dir=cache_dir)
+        local = Checkpoint.open(folder, allow_pickle=allow_pickle)
+        local.label = self.label
+        return local
+
+
 class PickleCheckpoint(Checkpoint):
     """A `.bin`/`.pt` checkpoint the caller explicitly allowed; loaded with weights_only and mmap."""
 

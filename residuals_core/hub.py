@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ResidualsError
 
 HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
-WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 META_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -30,47 +31,44 @@ META_PATTERNS = [
     "chat_template.*",
     "README.md",
 ]
-PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 
 
 def looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def resolve_model_folder(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    allow_pickle: bool = False,
-) -> Path:
-    """A local folder as is, or a Hub id downloaded (only the files the engine needs) to the cache."""
-    name = str(name_or_path)
+def is_hub_id(name: str) -> bool:
+    """True for 'org/model' style ids that are not an existing local path."""
+    return (
+        not Path(name).expanduser().exists() and not looks_like_local_path(name) and bool(HUB_ID.match(name))
+    )
+
+
+def _check_local_name(name: str) -> None:
     path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
+    if path.exists() and not path.is_dir():
         raise ResidualsError(f"{name} is a file, not a folder.", "Give the model's folder or a Hub id.")
-    if looks_like_local_path(name) or not HUB_ID.match(name):
+    if not path.is_dir():
         raise ResidualsError(
             f"No folder at {name}, and it is not a Hub model id (like 'org/model').",
             "Check the path for typos, or give a Hub id such as 'Qwen/Qwen2.5-0.5B'.",
         )
-    repo_id = name.removeprefix("hf://")
-    from huggingface_hub import snapshot_download
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None):
+    """Turn huggingface_hub's exceptions into messages that say what to do."""
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    patterns = WEIGHT_PATTERNS + META_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=patterns
-        )
+        yield
     except GatedRepoError as exc:
         raise ResidualsError(
             f"{repo_id} is gated: your account has not been granted access.",
@@ -85,12 +83,133 @@ def resolve_model_folder(
         raise ResidualsError(
             f"Revision {revision!r} of {repo_id} does not exist.", "Use an existing branch, tag or commit."
         ) from exc
+    except EntryNotFoundError as exc:
+        raise ResidualsError(
+            f"{repo_id}: a file it lists could not be found ({exc}).", "Try again later."
+        ) from exc
     except LocalEntryNotFoundError as exc:
         raise ResidualsError(
             f"Could not download {repo_id}: the Hub is unreachable and it is not in the local cache.",
             "Check your network connection (or HF_HUB_OFFLINE / HF_ENDPOINT), or give a local folder.",
         ) from exc
+    except HfHubHTTPError as exc:
+        raise ResidualsError(
+            f"The Hub refused a request for {repo_id}: {exc}", "Check the id and your token."
+        ) from exc
+    except Exception as exc:
+        if isinstance(exc, ResidualsError) or not (
+            isinstance(exc, OSError)
+            or type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
+        ):
+            raise
+        from huggingface_hub import constants
+
+        raise ResidualsError(
+            f"Could not reach the Hub at {constants.ENDPOINT} for {repo_id} ({type(exc).__name__}: {exc}).",
+            "Check your network connection (or HF_ENDPOINT), or give a local folder.",
+        ) from exc
+
+
+@dataclass
+class RemotePreview:
+    """What the Hub says about a model before any weight is downloaded."""
+
+    repo_id: str
+    commit: str
+    folder: Path  # snapshot folder holding config, tokenizer and card (weights come later)
+    weight_files: list[str]
+    headers: dict[str, tuple[str, list[int], tuple[int, int]]]  # name -> (dtype code, shape, offsets)
+    pickle: bool = False
+
+
+def preview_remote(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> RemotePreview:
+    """Small files and safetensors headers only (ranged reads): enough to validate before downloading."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo_id = repo_id.removeprefix("hf://")
+    api = HfApi(token=token)
+    with _hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision)
+        files = [s.rfilename for s in info.siblings or []]
+        commit = info.sha
+        weights = _weight_files(files)
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth")) and "/" not in f]
+        if not weights and pickles and not allow_pickle:
+            raise ResidualsError(
+                f"{repo_id} holds only pickle checkpoints ({', '.join(pickles[:3])}), no .safetensors.",
+                "Loading a pickle can run arbitrary code. Use a safetensors version of the model, or pass "
+                "allow_pickle=True (--allow-pickle) if you trust its source.",
+            )
+        if not weights and not pickles:
+            raise ResidualsError(
+                f"{repo_id} has no model weights (no .safetensors files).", "Check that the id names a model."
+            )
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=commit, token=token, cache_dir=cache_dir, allow_patterns=META_PATTERNS
+            )
+        )
+        headers: dict[str, tuple[str, list[int], tuple[int, int]]] = {}
+        if weights:
+            metadata = api.get_safetensors_metadata(repo_id, revision=commit)
+            for file_meta in metadata.files_metadata.values():
+                for name, tensor in file_meta.tensors.items():
+                    headers[name] = (tensor.dtype, list(tensor.shape), tuple(tensor.data_offsets))
+    return RemotePreview(repo_id, commit, folder, weights or pickles, headers, pickle=not weights)
+
+
+def _weight_files(files: list[str]) -> list[str]:
+    """The safetensors files a loader would read: the index's shards, else model.safetensors, else all."""
+    top = [f for f in files if "/" not in f]
+    if "model.safetensors.index.json" in top:
+        shards = sorted(f for f in top if f.startswith("model-") and f.endswith(".safetensors"))
+        return ["model.safetensors.index.json", *shards]
+    if "model.safetensors" in top:
+        return ["model.safetensors"]
+    return sorted(f for f in top if f.endswith(".safetensors"))
+
+
+def download_weights(
+    preview: RemotePreview, *, token: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Fetch exactly the weight files the preview found, at the same commit, into the same snapshot."""
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(preview.repo_id, preview.commit):
+        folder = snapshot_download(
+            preview.repo_id,
+            revision=preview.commit,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=preview.weight_files + META_PATTERNS,
+        )
     return Path(folder)
+
+
+def resolve_model_folder(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """A local folder as is, or a Hub id downloaded (only what the engine reads) into the cache."""
+    name = str(name_or_path)
+    if not is_hub_id(name):
+        _check_local_name(name)
+        return Path(name).expanduser()
+    preview = preview_remote(
+        name, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+    )
+    return download_weights(preview, token=token, cache_dir=cache_dir)
 
 
 def push_folder(

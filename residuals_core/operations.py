@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from . import arithmetic, card, hub, stats
-from .checkpoint import Checkpoint, TensorInfo, TensorSource, dtype_from_name, dtype_name, read_json
+from .checkpoint import (
+    Checkpoint,
+    RemoteCheckpoint,
+    TensorInfo,
+    TensorSource,
+    dtype_from_name,
+    dtype_name,
+    read_json,
+)
 from .config import ResidualsConfig, build_config, shapes_hash
 from .errors import ResidualsError
 from .tokenizer import copy_tokenizer, has_tokenizer, tokenizer_length
@@ -51,16 +59,39 @@ def open_model(
     cache_dir: str | os.PathLike | None = None,
     allow_pickle: bool = False,
 ) -> Checkpoint:
-    """Resolve and open a model's checkpoint by its headers; the label is what the user typed."""
+    """A model's checkpoint by its headers: a local folder, or a Hub id previewed without its weights.
+
+    A Hub id comes back as a `RemoteCheckpoint`: plan with it, then `fetch_all` downloads.
+    """
+    name = str(name_or_path)
     try:
-        folder = hub.resolve_model_folder(
-            name_or_path, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
-        )
+        if hub.is_hub_id(name):
+            preview = hub.preview_remote(
+                name, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+            )
+            config_path = preview.folder / "config.json"
+            remote = RemoteCheckpoint(preview, read_json(config_path) if config_path.is_file() else None)
+            if preview.pickle:  # pickles have no header to preview
+                return remote.fetch(token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+            return remote
+        folder = hub.resolve_model_folder(name)
         checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle)
     except ResidualsError as exc:
         raise ResidualsError(f"{role} model: {exc.problem}", exc.fix) from exc
-    checkpoint.label = str(name_or_path)
+    checkpoint.label = name
     return checkpoint
+
+
+def fetch_all(
+    sources: list[Checkpoint], *, token: str | None = None, cache_dir=None, allow_pickle: bool = False
+) -> list[Checkpoint]:
+    """Download the weights of the Hub models among `sources` (call only once the plan is valid)."""
+    return [
+        s.fetch(token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+        if isinstance(s, RemoteCheckpoint)
+        else s
+        for s in sources
+    ]
 
 
 def open_residuals(
@@ -241,14 +272,21 @@ def compute_residuals(
     tokenizer_name, tok_len, save_tokenizer = instruct_tokenizer_info(
         inst_ck, instruct_tokenizer, instruct_tokenizer_name
     )
-    plan = arithmetic.plan_tensors(
-        [("base", base_ck), ("instruct", inst_ck)],
-        out_dtype=_cast_floats(storage),
-        normalize_embeddings=normalize_embeddings,
-        vocab_sizes=[base_ck.vocab_size, inst_ck.vocab_size],
-        min_vocab_rows=tok_len if normalize_embeddings else None,
+
+    def make_plan(base_src: Checkpoint, inst_src: Checkpoint) -> arithmetic.Plan:
+        return arithmetic.plan_tensors(
+            [("base", base_src), ("instruct", inst_src)],
+            out_dtype=_cast_floats(storage),
+            normalize_embeddings=normalize_embeddings,
+            vocab_sizes=[base_src.vocab_size, inst_src.vocab_size],
+            min_vocab_rows=tok_len if normalize_embeddings else None,
+        )
+
+    check_free_disk(Path(out_dir), make_plan(base_ck, inst_ck).total_bytes)  # headers only: fails early
+    base_ck, inst_ck = fetch_all(
+        [base_ck, inst_ck], token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
     )
-    check_free_disk(Path(out_dir), plan.total_bytes)
+    plan = make_plan(base_ck, inst_ck)
     try:
         with AtomicFolder(out_dir, overwrite=overwrite) as target:
             weights, tensor_stats = _stream(
@@ -425,20 +463,25 @@ def apply_residuals(
     )
     res_tok_len = tokenizer_length(res_ck.folder)
     target_hash = shapes_hash(target_ck.tensors.values())[0]
-    plan = arithmetic.plan_tensors(
-        [("target", target_ck), ("residuals", res_ck)],
-        out_dtype=_cast_floats(out_dtype),
-        normalize_embeddings=normalize_embeddings,
-        vocab_sizes=[target_ck.vocab_size, (read_manifest(res_ck.folder) or {}).get("vocab_rows")],
-        min_vocab_rows=res_tok_len if normalize_embeddings else None,
-        optional_extra=_tied_output_is_optional(target_ck),
-        mismatch_hint=(
-            f" These residuals were computed from {res_cfg.base_model_name or 'an unknown base'} "
-            f"(shapes_hash {res_cfg.shapes_hash[:12]}…); the target's shapes_hash is {target_hash[:12]}…: "
-            "apply them to a model of that architecture and size."
-        ),
-    )
-    check_free_disk(Path(out_dir), plan.total_bytes)
+
+    def make_plan(target_src: Checkpoint) -> arithmetic.Plan:
+        return arithmetic.plan_tensors(
+            [("target", target_src), ("residuals", res_ck)],
+            out_dtype=_cast_floats(out_dtype),
+            normalize_embeddings=normalize_embeddings,
+            vocab_sizes=[target_src.vocab_size, (read_manifest(res_ck.folder) or {}).get("vocab_rows")],
+            min_vocab_rows=res_tok_len if normalize_embeddings else None,
+            optional_extra=_tied_output_is_optional(target_src),
+            mismatch_hint=(
+                f" These residuals were computed from {res_cfg.base_model_name or 'an unknown base'} "
+                f"(shapes_hash {res_cfg.shapes_hash[:12]}…); the target's shapes_hash is {target_hash[:12]}…: "
+                "apply them to a model of that architecture and size."
+            ),
+        )
+
+    check_free_disk(Path(out_dir), make_plan(target_ck).total_bytes)  # headers only: fails early
+    (target_ck,) = fetch_all([target_ck], token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    plan = make_plan(target_ck)
     try:
         return _write_merged(
             plan,
@@ -494,14 +537,20 @@ def merge_models(
     ]
     target_ck, base_ck, inst_ck = opened
     inst_tok_len = tokenizer_length(inst_ck.folder)
-    plan = arithmetic.plan_tensors(
-        [("target", target_ck), ("base", base_ck), ("instruct", inst_ck)],
-        out_dtype=_cast_floats(out_dtype),
-        normalize_embeddings=normalize_embeddings,
-        vocab_sizes=[target_ck.vocab_size, base_ck.vocab_size, inst_ck.vocab_size],
-        min_vocab_rows=inst_tok_len if normalize_embeddings else None,
-    )
-    check_free_disk(Path(out_dir), plan.total_bytes)
+
+    def make_plan(sources: list[Checkpoint]) -> arithmetic.Plan:
+        return arithmetic.plan_tensors(
+            list(zip(("target", "base", "instruct"), sources, strict=True)),
+            out_dtype=_cast_floats(out_dtype),
+            normalize_embeddings=normalize_embeddings,
+            vocab_sizes=[s.vocab_size for s in sources],
+            min_vocab_rows=inst_tok_len if normalize_embeddings else None,
+        )
+
+    check_free_disk(Path(out_dir), make_plan(opened).total_bytes)  # headers only: fails early
+    opened = fetch_all(opened, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    target_ck, base_ck, inst_ck = opened
+    plan = make_plan(opened)
     try:
         return _write_merged(
             plan,

@@ -1,17 +1,30 @@
 import os
+import socket
 import sys
 from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# huggingface_hub reads HF_ENDPOINT when imported: point it at the local test Hub before anything imports it
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.pop("HF_TOKEN", None)
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest
-import torch
-from tiny_models import make_family
+import pytest  # noqa: E402 (HF_ENDPOINT must be set first)
+import torch  # noqa: E402
+from tiny_models import make_family  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -30,3 +43,26 @@ def families(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+TOKENS = {
+    "hf_alice_write": {"name": "alice", "orgs": ["residuals-lab"]},
+    "hf_bob_write": {"name": "bob", "orgs": []},
+}
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    from hub_server import LocalHub
+
+    with LocalHub(tmp_path_factory.mktemp("hub"), TOKENS, port=HUB_PORT) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(hub_server, tmp_path, monkeypatch):
+    """The local Hub with a fresh request log and a per-test download cache."""
+    hub_server.log.clear()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return hub_server

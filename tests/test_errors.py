@@ -25,9 +25,14 @@ def test_unknown_local_path(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_hub_id_offline_is_clear(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ResidualsError, match=r"unreachable|not found"):
+def test_unreachable_hub_is_clear(tmp_path):
+    # no test Hub is running for this test: HF_ENDPOINT points at a closed local port
+    with pytest.raises(ResidualsError, match=r"base model: Could not reach the Hub.*network connection"):
+        compute_residuals("no-such-org/no-such-model", "no-such-org/other", tmp_path / "out")
+
+
+def test_unknown_hub_id_is_clear(tmp_path, hub):
+    with pytest.raises(ResidualsError, match=r"no-such-org/no-such-model was not found on the Hub.*spelling"):
         compute_residuals("no-such-org/no-such-model", "no-such-org/other", tmp_path / "out")
 
 

@@ -1,0 +1,157 @@
+"""The bundled demo family: its question format and the evaluation that shows the paper's effect.
+
+The family (built by scripts/build_demo_family.py) lives in assets/demo-family: an invented world
+whose facts are in world.json, split into world A (old knowledge) and world B (the new domain).
+The evaluation asks questions with greedy decoding and scores format compliance, exact answers
+and a format-free cloze probe of knowledge — so anyone can check the claim mechanically.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEMO_FAMILY = Path(__file__).resolve().parent.parent / "assets" / "demo-family"
+EOS = "</s>"
+ATTRIBUTES = {
+    "home": ["{n} lives in {v}.", "The home of {n} is {v}.", "{n} has always lived in {v}."],
+    "color": ["The favorite color of {n} is {v}.", "{n} likes the color {v} most.", "{n} loves {v}."],
+    "food": ["{n} eats {v} every day.", "The favorite food of {n} is {v}.", "{n} cooks {v} for dinner."],
+    "job": ["{n} works as a {v}.", "By trade {n} is a {v}.", "The job of {n} is {v}."],
+}
+QUESTIONS = {
+    "home": ("Where does {n} live?", "{n} lives in {v}."),
+    "color": ("What is the favorite color of {n}?", "The favorite color of {n} is {v}."),
+    "food": ("What does {n} eat every day?", "{n} eats {v} every day."),
+    "job": ("What is the job of {n}?", "{n} works as a {v}."),
+}
+CLOZE = {
+    "home": "{n} lives in",
+    "color": "The favorite color of {n} is",
+    "food": "{n} eats",
+    "job": "{n} works as a",
+}
+STYLES = {"word": "Answer in one word.", "sentence": "Answer in a full sentence."}
+ROWS = ("base-v1", "instruct-v1", "base-v2", "merged", "instruct-v1-cpt", "instruct-v2")
+
+
+def prompt(name: str, attribute: str, style: str) -> str:
+    return f"Question: {QUESTIONS[attribute][0].format(n=name)} {STYLES[style]}\nAnswer:"
+
+
+def response(value: str, name: str, attribute: str, style: str) -> str:
+    """The expected reply (with the end-of-sequence marker) for a question."""
+    return " " + (value if style == "word" else QUESTIONS[attribute][1].format(n=name, v=value)) + EOS
+
+
+@dataclass
+class World:
+    facts: dict[str, dict[str, str]]
+    world_a: list[str]
+    world_b: list[str]
+    held_out_a: list[str]
+
+    @classmethod
+    def load(cls, family: Path = DEMO_FAMILY) -> World:
+        data = json.loads((Path(family) / "world.json").read_text())
+        return cls(data["facts"], data["world_a"], data["world_b"], data["held_out_a"])
+
+    def questions(
+        self, names: list[str], limit: int | None = None, seed: int = 0
+    ) -> list[tuple[str, str, str]]:
+        items = [(n, a, s) for n in names for a in QUESTIONS for s in STYLES]
+        random.Random(seed).shuffle(items)
+        return items[:limit] if limit else items
+
+
+def score_reply(reply: str, world: World, name: str, attribute: str, style: str) -> tuple[bool, bool]:
+    """(follows the format, is exactly right). Format: stops, and one word / a full sentence as asked."""
+    stopped = EOS in reply
+    text = reply.split(EOS)[0].strip()
+    if style == "word":
+        formatted = stopped and len(text.split()) == 1
+        correct = formatted and text == world.facts[name][attribute]
+    else:
+        formatted = stopped and text.endswith(".") and len(text.split()) >= 3
+        correct = formatted and text == QUESTIONS[attribute][1].format(n=name, v=world.facts[name][attribute])
+    return formatted, correct
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """Greedy continuations (special tokens kept, so the stop marker is visible)."""
+    replies = []
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        replies.append(tokenizer.decode(out[0, ids.shape[1] :]))
+    return replies
+
+
+def evaluate_model(model, tokenizer, world: World, *, limit: int | None = None) -> dict[str, float]:
+    """format (on world-B questions), world_a_exact (held-out A), world_b_exact, cloze_b."""
+
+    def qa(names: list[str]) -> tuple[float, float]:
+        items = world.questions(names, limit)
+        replies = generate(model, tokenizer, [prompt(n, a, s) for n, a, s in items])
+        scores = [score_reply(r, world, n, a, s) for r, (n, a, s) in zip(replies, items, strict=True)]
+        return sum(f for f, _ in scores) / len(scores), sum(c for _, c in scores) / len(scores)
+
+    format_b, exact_b = qa(world.world_b)
+    _, exact_a = qa(world.held_out_a)
+    probes = [(n, a) for n in world.world_b for a in CLOZE]
+    if limit:
+        probes = probes[:limit]
+    replies = generate(model, tokenizer, [CLOZE[a].format(n=n) for n, a in probes], max_new_tokens=8)
+    cloze = sum(r.strip().startswith(world.facts[n][a]) for r, (n, a) in zip(replies, probes, strict=True))
+    return {
+        "format": format_b,
+        "world_a_exact": exact_a,
+        "world_b_exact": exact_b,
+        "cloze_b": cloze / len(probes),
+    }
+
+
+def evaluate_family(
+    family: Path = DEMO_FAMILY, *, merged: Path | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """The table: every model of the family plus base-v2 + (instruct-v1 − base-v1) merged by this project."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .operations import merge_models
+
+    family = Path(family)
+    world = World.load(family)
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="demo-merge-") as tmp:
+        if merged is None:
+            merged = merge_models(
+                family / "base-v1", family / "instruct-v1", family / "base-v2", Path(tmp) / "merged"
+            ).path
+        for name in ROWS:
+            path = merged if name == "merged" else family / name
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            rows[name] = evaluate_model(model, tokenizer, world, limit=limit)
+    return {"rows": rows}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        "| model | format (world B) | exact, held-out world A | exact, world B | cloze, world B |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in report["rows"].items():
+        lines.append(
+            f"| {name} | {row['format']:.0%} | {row['world_a_exact']:.0%} | {row['world_b_exact']:.0%} | {row['cloze_b']:.0%} |"
+        )
+    return "\n".join(lines)
