@@ -220,9 +220,14 @@ def push_folder(
     token: str | None = None,
     exist_ok: bool = True,
     commit_message: str = "Upload with Residuals Studio",
+    readme: str | None = None,
 ) -> str:
-    """Create (if needed) and upload a folder to a model repo the token can write; return its URL."""
-    from huggingface_hub import HfApi
+    """Create (if needed) and upload a folder to a model repo the token can write; return its URL.
+
+    One commit holds every file (large ones go through the library's LFS/Xet path); `readme`
+    replaces the folder's README.md in that commit (a card written for the repo's name).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
@@ -247,7 +252,17 @@ def push_folder(
         raise ResidualsError(f"{repo_id} already exists.", "Choose another name or pass exist_ok=True.")
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     try:
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        folder = Path(folder)
+        operations = [
+            CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            and not (readme is not None and p.relative_to(folder).as_posix() == "README.md")
+        ]
+        if readme is not None:
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode()))
+        api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
     except Exception as exc:
         if not existed:
             try:

@@ -682,3 +682,49 @@ def _merged_model_config(target_ck: Checkpoint, plan: arithmetic.Plan, out_dtype
                 config[key] = dtype_name(out_dtype)
         config.setdefault("dtype", dtype_name(out_dtype))
     return config
+
+
+def render_card(folder: str | os.PathLike, name: str) -> str | None:
+    """The folder's model card written again for `name` (e.g. the repo id it is pushed to)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if not manifest:
+        return None
+    files = manifest.get("files", {})
+    if manifest.get("kind") == "residuals":
+        config = ResidualsConfig.from_dict(read_json(folder / "config.json"))
+        made = card.residuals_card(
+            config,
+            name=name,
+            manifest=files,
+            summary=manifest.get("summary"),
+            reconstruction=manifest.get("reconstruction"),
+        )
+    else:
+        lineage = manifest.get("lineage", {})
+        made = card.merged_card(
+            name=name,
+            target=lineage.get("target") or "",
+            instruct=lineage.get("instruct"),
+            base=lineage.get("base"),
+            residuals=lineage.get("residuals"),
+            scale=manifest.get("scale", 1.0),
+            dtype=manifest.get("storage_dtype", ""),
+            manifest=files,
+            summary=manifest.get("summary"),
+        )
+    return str(made)
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    exist_ok: bool = True,
+) -> str:
+    """Push a residuals or merged-model folder with its card rewritten for `repo_id`; returns the URL."""
+    return hub.push_folder(
+        folder, repo_id, private=private, token=token, exist_ok=exist_ok, readme=render_card(folder, repo_id)
+    )

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from residuals_core import merge_models
 from residuals_core.demo import DEMO_FAMILY, ROWS, World, evaluate_model
 
-pytestmark = pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
+needs_family = pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
 
 
 def load(path):
@@ -19,6 +19,7 @@ def load(path):
     ).eval(), AutoTokenizer.from_pretrained(path)
 
 
+@needs_family
 def test_shipped_family_is_complete_and_small():
     for name in ROWS:
         if name == "merged":
@@ -31,6 +32,7 @@ def test_shipped_family_is_complete_and_small():
     assert total <= 15 * 1024 * 1024
 
 
+@needs_family
 def test_merge_regains_instruction_following_on_new_knowledge(tmp_path):
     world = World.load()
     merged = merge_models(
