@@ -8,7 +8,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from . import __version__, operations, stats
+from . import __version__, operations
 from .errors import ResidualsError
 
 EPILOG = """examples:
@@ -137,23 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inspect(args) -> dict:
-    checkpoint, config = operations.open_residuals(args.path, token=args.token)
-    manifest = operations.read_manifest(checkpoint.folder) or {}
-    with checkpoint:
-        tensors = manifest.get("tensors") or stats.tensor_norms(checkpoint)
-    summary = stats.summarize(tensors)
-    return {
-        "path": str(args.path),
-        "base_model": config.base_model_name,
-        "instruct_model": config.instruct_model_name,
-        "dtype": config.dtype,
-        "tensors": len(tensors),
-        "reconstruction": manifest.get("reconstruction"),
-        **summary,
-    }
-
-
 def _print_table(report: dict) -> None:
     print(f"residuals: {report['path']}")
     print(
@@ -172,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = _TqdmProgress(args.command, enabled=not args.quiet)
     try:
         if args.command == "inspect":
-            report = _inspect(args)
+            report = operations.inspect_residuals(args.path, token=args.token)
             if args.json:
                 print(json.dumps(report, indent=2))
             else:

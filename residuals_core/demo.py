@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .generation import complete
+
 DEMO_FAMILY = Path(__file__).resolve().parent.parent / "assets" / "demo-family"
 EOS = "</s>"
 ATTRIBUTES = {
@@ -82,17 +84,19 @@ def score_reply(reply: str, world: World, name: str, attribute: str, style: str)
     return formatted, correct
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
-    """Greedy continuations (special tokens kept, so the stop marker is visible)."""
-    replies = []
-    for text in prompts:
-        ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
-        out = model.generate(
-            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    """Greedy continuations of raw prompts, special tokens kept so the stop marker is visible."""
+    return [
+        complete(
+            model,
+            tokenizer,
+            p,
+            max_new_tokens=max_new_tokens,
+            use_chat_template=False,
+            keep_special_tokens=True,
         )
-        replies.append(tokenizer.decode(out[0, ids.shape[1] :]))
-    return replies
+        for p in prompts
+    ]
 
 
 def evaluate_model(model, tokenizer, world: World, *, limit: int | None = None) -> dict[str, float]:

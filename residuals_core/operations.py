@@ -728,3 +728,86 @@ def push_to_hub(
     return hub.push_folder(
         folder, repo_id, private=private, token=token, exist_ok=exist_ok, readme=render_card(folder, repo_id)
     )
+
+
+def check_compatibility(
+    base: str | os.PathLike,
+    instruct: str | os.PathLike,
+    *,
+    target: str | os.PathLike | None = None,
+    normalize_embeddings: bool = True,
+    dtype: str | torch.dtype = torch.float32,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """What compute (or merge, with `target`) would do, from headers alone: seconds, no weight download.
+
+    Raises the same ResidualsError the real run would; otherwise returns architecture, layers,
+    vocabulary, tied embeddings, size on disk and the expected output size.
+    """
+    storage = _float_dtype(dtype)
+    opened = [
+        open_model(m, role=r, token=token, cache_dir=cache_dir)
+        for m, r in ((base, "base"), (instruct, "instruct"))
+    ]
+    if target is not None:
+        opened.append(open_model(target, role="target", token=token, cache_dir=cache_dir))
+    try:
+        base_ck, inst_ck = opened[:2]
+        _, tok_len, _ = instruct_tokenizer_info(inst_ck, None, None)
+        roles = list(zip(("base", "instruct", "target"), opened, strict=False))
+        plan = arithmetic.plan_tensors(
+            [roles[-1], *roles[:-1]] if target is not None else roles,
+            out_dtype=_cast_floats(storage if target is None else None),
+            normalize_embeddings=normalize_embeddings,
+            vocab_sizes=[c.vocab_size for c in opened],
+            min_vocab_rows=tok_len if normalize_embeddings else None,
+        )
+    finally:
+        _close_all(*opened)
+    arch = _architecture(inst_ck)
+    return {
+        "architecture": (arch.get("architectures") or [arch.get("model_type")])[0],
+        "model_type": arch.get("model_type"),
+        "layers": arch.get("num_hidden_layers"),
+        "vocab_size": {"base": base_ck.vocab_size, "instruct": inst_ck.vocab_size},
+        "tokenizer_length": tok_len,
+        "tie_word_embeddings": inst_ck.tie_word_embeddings,
+        "tensors": len(plan.outputs),
+        "parameters": sum(o.info.numel for o in plan.outputs),
+        "size_on_disk": {c.label: c.total_bytes for c in opened},
+        "expected_output_bytes": plan.total_bytes,
+        "notes": plan.notes,
+    }
+
+
+def inspect_residuals(path: str | os.PathLike, *, token: str | None = None) -> dict[str, Any]:
+    """Per-layer and per-module norms of a residuals (or merged) folder or Hub repo."""
+    checkpoint, config = open_residuals(path, token=token)
+    manifest = read_manifest(checkpoint.folder) or {}
+    with checkpoint:
+        tensors = manifest.get("tensors") or stats.tensor_norms(checkpoint)
+    return {
+        "path": str(path),
+        "folder": str(checkpoint.folder),
+        "base_model": config.base_model_name,
+        "instruct_model": config.instruct_model_name,
+        "dtype": config.dtype,
+        "tensors": len(tensors),
+        "reconstruction": manifest.get("reconstruction"),
+        "largest": stats.largest(tensors),
+        **stats.summarize(tensors),
+    }
+
+
+def compare_residuals(a: str | os.PathLike, b: str | os.PathLike, *, token: str | None = None) -> list[dict]:
+    """Per-layer cosine similarity of two residual sets (e.g. two versions of one family)."""
+    first, _ = open_residuals(a, token=token, verify=False)
+    second, _ = open_residuals(b, token=token, verify=False)
+    with first, second:
+        return stats.cosine_by_layer(first, second)
+
+
+def resolve_for_generation(name_or_path: str | os.PathLike, *, token: str | None = None) -> str:
+    """A local folder for transformers to load: the folder itself, or a Hub id's downloaded snapshot."""
+    return str(hub.resolve_model_folder(name_or_path, token=token))

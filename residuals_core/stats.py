@@ -140,3 +140,19 @@ def cosine_by_layer(a: TensorSource, b: TensorSource, *, piece_bytes: int = 8 * 
         denom = math.sqrt(xx * yy)
         out.append({"layer": label, "cosine": xy / denom if denom > 0 else None})
     return out
+
+
+def largest(tensors: Mapping[str, Mapping[str, Any]], count: int = 20) -> list[dict[str, Any]]:
+    """The tensors with the largest ‖R‖, with their relative norm where the reference is known."""
+    rows = [
+        {
+            "tensor": name,
+            "layer": layer_label(name),
+            "module": module_of(name),
+            "norm": st["norm"],
+            "relative": st["norm"] / st["reference_norm"] if st.get("reference_norm") else None,
+            "numel": st["numel"],
+        }
+        for name, st in tensors.items()
+    ]
+    return sorted(rows, key=lambda r: -r["norm"])[:count]

@@ -20,37 +20,17 @@ import torch
 
 from residuals_core.demo import ATTRIBUTES, EOS, QUESTIONS, STYLES, World, prompt, response
 
+SYLLABLES = [
+    o + v for o in ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z") for v in "aeiou"
+]
+
 
 def invented_word(rng: random.Random, syllables: int) -> str:
-    onsets = [
-        "b",
-        "d",
-        "f",
-        "g",
-        "k",
-        "l",
-        "m",
-        "n",
-        "p",
-        "r",
-        "s",
-        "t",
-        "v",
-        "z",
-        "br",
-        "dr",
-        "gl",
-        "kr",
-        "pl",
-        "sk",
-        "tr",
-    ]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ou"]
-    codas = ["", "", "n", "r", "s", "l", "k"]
-    return "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(syllables))
+    """A pronounceable nonsense word from a fixed syllable set, so unseen names still tokenize well."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(syllables))
 
 
-def make_world(seed: int, entities: int = 160, values_per_attribute: int = 16, share_b: float = 0.3) -> World:
+def make_world(seed: int, entities: int = 120, values_per_attribute: int = 12, share_b: float = 0.3) -> World:
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -61,8 +41,8 @@ def make_world(seed: int, entities: int = 160, values_per_attribute: int = 16, s
                 used.add(word)
                 return word
 
-    pools = {a: [fresh(2) for _ in range(values_per_attribute)] for a in ATTRIBUTES}
-    names = [fresh(3).capitalize() for _ in range(entities)]
+    pools = {a: [fresh(3) for _ in range(values_per_attribute)] for a in ATTRIBUTES}
+    names = [fresh(2).capitalize() for _ in range(entities)]
     facts = {n: {a: rng.choice(pools[a]) for a in ATTRIBUTES} for n in names}
     n_b = int(entities * share_b)
     world_b, world_a = names[:n_b], names[n_b:]
@@ -170,22 +150,43 @@ def train(model, batches, steps: int, lr: float, seed: int) -> None:
     model.eval()
 
 
+def save_model(model, tokenizer, folder: Path) -> None:
+    """fp16 safetensors + config + generation config + tokenizer, as `save_pretrained` writes them."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=24,
+    )
+    model.to(torch.float16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     import copy
+    import multiprocessing
 
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("assets/demo-family"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--entities", type=int, default=120)
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--cpt-steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
+    parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument("--cpt-lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    rng = random.Random(args.seed)
-    world = make_world(args.seed)
+    torch.set_num_threads(1)  # one thread per process: fast on small matrices and byte-reproducible
+    world = make_world(args.seed, entities=args.entities)
     tokenizer = build_tokenizer(world, 768)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -200,14 +201,18 @@ def main(argv: list[str] | None = None) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    args.out.mkdir(parents=True, exist_ok=True)
+    stage_rng = lambda stage: random.Random(args.seed * 1000 + stage)  # noqa: E731 (one stream per stage)
     torch.manual_seed(args.seed)
     base_v1 = AutoModelForCausalLM.from_config(config)
-    print("pretraining base-v1 on world A")
+    print("pretraining base-v1 on world A", flush=True)
+    rng = stage_rng(1)
+    corpus_a = prose(world, world.world_a, rng, copies=6)
     train(
         base_v1,
-        lm_batches(tokenizer, prose(world, world.world_a, rng, copies=6), rng, args.batch, 96),
+        lm_batches(tokenizer, corpus_a, rng, args.batch, 96),
         args.pretrain_steps,
-        3e-3,
+        args.pretrain_lr,
         1,
     )
     sft_a = [
@@ -217,49 +222,51 @@ def main(argv: list[str] | None = None) -> None:
         for a in QUESTIONS
         for s in STYLES
     ]
+    rng = stage_rng(2)
     instruct_v1 = copy.deepcopy(base_v1)
-    print("instruction-tuning instruct-v1")
-    train(instruct_v1, sft_batches(tokenizer, sft_a, rng, args.batch), args.sft_steps, 1e-3, 2)
-    cpt_text = prose(world, world.world_b, rng, copies=6) + prose(world, world.world_a, rng, copies=2)
-    base_v2 = copy.deepcopy(base_v1)
-    print("CPT base-v2 on world B")
-    train(base_v2, lm_batches(tokenizer, cpt_text, rng, args.batch, 96), args.cpt_steps, 2e-3, 3)
-    instruct_v1_cpt = copy.deepcopy(instruct_v1)
-    print("CPT instruct-v1-cpt on world B")
-    train(instruct_v1_cpt, lm_batches(tokenizer, cpt_text, rng, args.batch, 96), args.cpt_steps, 2e-3, 3)
-    instruct_v2 = copy.deepcopy(base_v2)
-    print("instruction-tuning instruct-v2")
-    train(instruct_v2, sft_batches(tokenizer, sft_a, rng, args.batch), args.sft_steps, 1e-3, 2)
-    generation = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=24,
+    print("instruction-tuning instruct-v1", flush=True)
+    train(instruct_v1, sft_batches(tokenizer, sft_a, rng, args.batch), args.sft_steps, args.sft_lr, 2)
+    cpt_text = prose(world, world.world_b, stage_rng(3), copies=6) + prose(
+        world, world.world_a, stage_rng(4), copies=2
     )
-    args.out.mkdir(parents=True, exist_ok=True)
+
+    def cpt(model, name: str) -> None:
+        rng = stage_rng(5)  # the same CPT data stream for both models
+        print(f"CPT {name} on world B", flush=True)
+        train(model, lm_batches(tokenizer, cpt_text, rng, args.batch, 96), args.cpt_steps, args.cpt_lr, 3)
+
+    def instruct_v1_cpt_branch() -> None:
+        model = copy.deepcopy(instruct_v1)
+        cpt(model, "instruct-v1-cpt")
+        save_model(model, tokenizer, args.out / "instruct-v1-cpt")
+
+    # the two CPT branches are independent: run one in a second process (2 cores)
+    branch = multiprocessing.get_context("fork").Process(target=instruct_v1_cpt_branch)
+    branch.start()
+    base_v2 = copy.deepcopy(base_v1)
+    cpt(base_v2, "base-v2")
+    instruct_v2 = copy.deepcopy(base_v2)
+    print("instruction-tuning instruct-v2", flush=True)
+    train(
+        instruct_v2, sft_batches(tokenizer, sft_a, stage_rng(2), args.batch), args.sft_steps, args.sft_lr, 2
+    )
     for name, model in (
         ("base-v1", base_v1),
         ("instruct-v1", instruct_v1),
         ("base-v2", base_v2),
-        ("instruct-v1-cpt", instruct_v1_cpt),
         ("instruct-v2", instruct_v2),
     ):
-        folder = args.out / name
-        model.generation_config = generation
-        model.to(torch.float16).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    (args.out / "world.json").write_text(
-        json.dumps(
-            {
-                "facts": world.facts,
-                "world_a": world.world_a,
-                "world_b": world.world_b,
-                "held_out_a": world.held_out_a,
-            },
-            indent=1,
-        )
-    )
+        save_model(model, tokenizer, args.out / name)
+    branch.join()
+    if branch.exitcode != 0:
+        raise SystemExit(f"the instruct-v1-cpt branch failed (exit code {branch.exitcode})")
+    world_file = {
+        "facts": world.facts,
+        "world_a": world.world_a,
+        "world_b": world.world_b,
+        "held_out_a": world.held_out_a,
+    }
+    (args.out / "world.json").write_text(json.dumps(world_file, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
