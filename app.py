@@ -300,9 +300,11 @@ def inspect(source: str, path: str, compare: str, token: str | None, workspace: 
         cosine = pd.DataFrame(rows, columns=["layer", "cosine"]).fillna(0.0)
         mean = cosine["cosine"].mean() if len(cosine) else 0.0
         summary += f"\n\nCompared with `{compare.strip()}`: mean per-layer cosine similarity **{mean:.3f}**."
+    layers = layer_frame(report)
     return (
         summary,
-        layer_frame(report),
+        layers,
+        layers,
         module_heatmap(report),
         largest_frame(report["largest"]),
         cosine,
@@ -492,7 +494,7 @@ def build() -> gr.Blocks:
                 label="Compare with another residual set (optional: e.g. another version of the family)"
             )
             inspect_button = gr.Button("Inspect", variant="primary")
-            inspect_status = gr.Markdown()
+            inspect_status = gr.Markdown(elem_id="inspect-status")
             with gr.Row():
                 inspect_bar = gr.BarPlot(
                     x="layer", y="norm", title="‖R‖ per layer", x_title="layer", y_title="‖R‖"

@@ -1,6 +1,8 @@
 import os
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -66,3 +68,38 @@ def hub(hub_server, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     return hub_server
+
+
+@pytest.fixture(scope="session")
+def served_app(hub_server, tmp_path_factory):
+    port = _free_port()
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "HF_TOKEN": "hf_alice_write",
+        "HF_HUB_CACHE": str(tmp_path_factory.mktemp("app-cache")),
+        "PYTHONPATH": str(root),
+    }
+    log = open(tmp_path_factory.mktemp("app-log") / "app.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app exited: {Path(log.name).read_text()}") from None
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError(f"app did not start: {Path(log.name).read_text()}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()

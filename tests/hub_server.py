@@ -170,6 +170,8 @@ class LocalHub:
                     {
                         "type": "user",
                         "name": user["name"],
+                        "fullname": user["name"].title(),
+                        "avatarUrl": "",
                         "orgs": [{"name": o, "type": "org"} for o in user.get("orgs", [])],
                         "auth": {
                             "type": "access_token",

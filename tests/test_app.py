@@ -1,0 +1,142 @@
+"""The Space: event functions called directly, then the launched app driven over its API and in a browser."""
+
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+import app
+from residuals_core.demo import DEMO_FAMILY
+
+needs_family = pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class NoProgress:
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def workspace():
+    ws = app.new_workspace()
+    yield ws
+    app.drop_workspace(ws)
+
+
+# ---- event functions ----------------------------------------------------------------------------------------
+def test_push_logged_out_is_refused_before_any_work(workspace, hub):
+    workspace["residuals"] = "/nonexistent"  # would fail loudly if any work started
+    with pytest.raises(gr.Error, match=r"not logged in.*Nothing was pushed"):
+        app.push_residuals("name", True, "", workspace, None)
+    assert not hub.log
+
+
+def test_push_before_compute_says_what_to_do(workspace):
+    with pytest.raises(gr.Error, match="compute residuals first"):
+        app.push_residuals("name", True, "hf_alice_write", workspace, None)
+
+
+def test_errors_are_actionable_gr_errors(workspace, tmp_path):
+    with pytest.raises(gr.Error, match=r"No folder at .* Check the path"):
+        app.check_models(str(tmp_path / "missing"), str(tmp_path / "missing2"), "float32", True, None)
+    with pytest.raises(gr.Error, match="Fill in both"):
+        app.check_models("", "x", "float32", True, None)
+    with pytest.raises(gr.Error, match="run the Compute tab first"):
+        app.apply(
+            "this session's Compute result", "", "x", 1.0, "same as target", None, workspace, NoProgress()
+        )
+
+
+def test_incompatible_models_error_in_ui(families, workspace):
+    with pytest.raises(gr.Error, match="not have the same tensors"):
+        app.compute(
+            str(families("llama")["base"]),
+            str(families("gpt2")["instruct"]),
+            "float32",
+            True,
+            None,
+            workspace,
+            NoProgress(),
+        )
+    assert not (Path(workspace["dir"]) / "residuals").exists()
+
+
+@needs_family
+def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
+    summary, bars, heat, archive, workspace, name = app.compute(
+        app.DEMO["base-v1"], app.DEMO["instruct-v1"], "float32", True, None, workspace, NoProgress()
+    )
+    assert "bit for bit" in summary and name == "instruct-v1-residuals"
+    assert list(bars["layer"]) == ["embed", "0", "1", "2", "3", "final_norm"]
+    assert Path(archive).is_file() and heat.data[0].type == "heatmap"
+    summary, archive, workspace, name = app.apply(
+        "this session's Compute result",
+        "",
+        app.DEMO["base-v2"],
+        1.0,
+        "same as target",
+        None,
+        workspace,
+        NoProgress(),
+    )
+    assert "Merged model ready" in summary and Path(workspace["merged"], "model.safetensors").is_file()
+    _text, bars, rel, heat, table, cosine = app.inspect(
+        "this session's Compute result", "", workspace["residuals"], None, workspace
+    )
+    assert (rel["relative"] > 0).all() and len(table) > 5 and (cosine["cosine"] > 0.999).all()
+    base_out, merged_out, inst_out, _ = app.try_models(
+        app.example_prompts()[0], app.DEMO["base-v2"], app.DEMO["instruct-v1"], workspace, NoProgress()
+    )
+    assert merged_out and base_out and inst_out
+    url = app.push_merged("demo-merged", False, "hf_alice_write", workspace, None)
+    assert "alice/demo-merged" in url and "alice/demo-merged" in hub.repos
+
+
+def test_session_folder_removed_with_the_session():
+    ws = app.new_workspace()
+    Path(ws["dir"], "file").write_text("x")
+    app.drop_workspace(ws)
+    assert not Path(ws["dir"]).exists()
+
+
+def test_space_front_matter_is_valid():
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(ROOT / "README.md")
+    data = card.data.to_dict()
+    assert data["sdk"] == "gradio" and data["app_file"] == "app.py" and data["hf_oauth"] is True
+    assert "write-repos" in data["hf_oauth_scopes"] and data["suggested_hardware"]
+    assert data["sdk_version"].split(".")[0] == gr.__version__.split(".")[0]
+    requirements = (ROOT / "requirements.txt").read_text()
+    for package in (
+        "gradio[oauth]",
+        "torch",
+        "transformers",
+        "safetensors",
+        "huggingface_hub",
+        "accelerate",
+        "spaces",
+    ):
+        assert package in requirements
+
+
+# ---- the launched app (served_app: see conftest.py) -------------------------------------------------
+@needs_family
+def test_app_over_its_api_compute_inspect_apply_push(served_app, hub_server):
+    from gradio_client import Client
+
+    client = Client(served_app, oauth_token="hf_bob_write", verbose=False, analytics_enabled=False)
+    result = client.predict(
+        app.DEMO["base-v1"], app.DEMO["instruct-v1"], "float32", True, "", api_name="/compute"
+    )
+    assert "Residuals ready" in result[0]
+    inspected = client.predict("this session's Compute result", "", "", "", api_name="/inspect")
+    assert "total ‖R‖" in inspected[0]
+    applied = client.predict(
+        "this session's Compute result", "", app.DEMO["base-v2"], 1.0, "same as target", "", api_name="/apply"
+    )
+    assert "Merged model ready" in applied[0]
+    pushed = client.predict("api-merged", True, "", api_name="/push_merged")
+    assert "bob/api-merged" in pushed
+    assert hub_server.repos["bob/api-merged"].private
