@@ -321,7 +321,10 @@ def _generate(path: str, text: str) -> str:
     model, tokenizer = _cached_model(
         path, Path(path, "config.json").stat().st_mtime if Path(path).is_dir() else 0.0
     )
-    return complete(model, tokenizer, text, max_new_tokens=40).strip() or "(empty)"
+    return (
+        complete(model, tokenizer, text, max_new_tokens=40).strip()
+        or "(empty answer: the model stopped at once)"
+    )
 
 
 @spaces.GPU(duration=60)

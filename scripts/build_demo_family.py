@@ -20,17 +20,39 @@ import torch
 
 from residuals_core.demo import ATTRIBUTES, EOS, QUESTIONS, STYLES, World, prompt, response
 
-SYLLABLES = [
-    o + v for o in ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z") for v in "aeiou"
+ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gl",
+    "kr",
+    "pl",
+    "sk",
+    "tr",
 ]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+CODAS = ["", "", "n", "r", "s", "l", "k"]
 
 
 def invented_word(rng: random.Random, syllables: int) -> str:
-    """A pronounceable nonsense word from a fixed syllable set, so unseen names still tokenize well."""
-    return "".join(rng.choice(SYLLABLES) for _ in range(syllables))
+    """A pronounceable nonsense word, so that no answer can be guessed from real-world knowledge."""
+    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
 
 
-def make_world(seed: int, entities: int = 120, values_per_attribute: int = 12, share_b: float = 0.3) -> World:
+def make_world(seed: int, entities: int = 160, values_per_attribute: int = 16, share_b: float = 0.3) -> World:
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -41,8 +63,8 @@ def make_world(seed: int, entities: int = 120, values_per_attribute: int = 12, s
                 used.add(word)
                 return word
 
-    pools = {a: [fresh(3) for _ in range(values_per_attribute)] for a in ATTRIBUTES}
-    names = [fresh(2).capitalize() for _ in range(entities)]
+    pools = {a: [fresh(2) for _ in range(values_per_attribute)] for a in ATTRIBUTES}
+    names = [fresh(3).capitalize() for _ in range(entities)]
     facts = {n: {a: rng.choice(pools[a]) for a in ATTRIBUTES} for n in names}
     n_b = int(entities * share_b)
     world_b, world_a = names[:n_b], names[n_b:]
@@ -176,11 +198,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("assets/demo-family"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--entities", type=int, default=120)
+    parser.add_argument("--entities", type=int, default=160)
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--cpt-steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--batch", type=int, default=32, help="pre-training and CPT batch (sequences of 96 tokens)"
+    )
+    parser.add_argument(
+        "--sft-batch", type=int, default=8, help="instruction-tuning batch: the strength knob"
+    )
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
     parser.add_argument("--sft-lr", type=float, default=1e-3)
     parser.add_argument("--cpt-lr", type=float, default=1e-3)
@@ -225,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = stage_rng(2)
     instruct_v1 = copy.deepcopy(base_v1)
     print("instruction-tuning instruct-v1", flush=True)
-    train(instruct_v1, sft_batches(tokenizer, sft_a, rng, args.batch), args.sft_steps, args.sft_lr, 2)
+    train(instruct_v1, sft_batches(tokenizer, sft_a, rng, args.sft_batch), args.sft_steps, args.sft_lr, 2)
     cpt_text = prose(world, world.world_b, stage_rng(3), copies=6) + prose(
         world, world.world_a, stage_rng(4), copies=2
     )
@@ -248,7 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     instruct_v2 = copy.deepcopy(base_v2)
     print("instruction-tuning instruct-v2", flush=True)
     train(
-        instruct_v2, sft_batches(tokenizer, sft_a, stage_rng(2), args.batch), args.sft_steps, args.sft_lr, 2
+        instruct_v2,
+        sft_batches(tokenizer, sft_a, stage_rng(2), args.sft_batch),
+        args.sft_steps,
+        args.sft_lr,
+        2,
     )
     for name, model in (
         ("base-v1", base_v1),

@@ -25,8 +25,13 @@ def test_unknown_local_path(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreachable_hub_is_clear(tmp_path):
-    # no test Hub is running for this test: HF_ENDPOINT points at a closed local port
+def test_unreachable_hub_is_clear(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a local port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{closed}")
     with pytest.raises(ResidualsError, match=r"base model: Could not reach the Hub.*network connection"):
         compute_residuals("no-such-org/no-such-model", "no-such-org/other", tmp_path / "out")
 
