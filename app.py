@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -84,12 +85,26 @@ def _progress(progress: gr.Progress, label: str):
 
 
 def _gpu_seconds(*args, **kwargs) -> int:
-    """ZeroGPU duration from the size of the local inputs (≈1 GB/s plus start-up); 60 s minimum."""
+    """ZeroGPU duration from the inputs' size on disk (headers only; ≈0.5 GB/s plus start-up), 60–900 s."""
     size = 0
     for value in args:
-        if isinstance(value, str) and Path(value).is_dir():
-            size += sum(p.stat().st_size for p in Path(value).glob("*.safetensors"))
-    return int(min(600, 60 + size / 1e9 * 2))
+        if not isinstance(value, str) or "/" not in value or "\n" in value:
+            continue  # only model ids (org/name) and folders count
+        try:
+            size += operations.open_model(value.strip(), role="input").total_bytes
+        except Exception:  # not a model (a dtype, a radio choice…) or unreachable: count nothing
+            continue
+    return int(min(900, 60 + 2 * size / 1e9))
+
+
+@contextlib.contextmanager
+def job_cache(workspace: dict[str, Any]):
+    """Hub downloads of one job go to a cache inside the session folder, deleted when the job ends."""
+    cache = Path(workspace["dir"]) / "hub-cache"
+    try:
+        yield cache
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _size(nbytes: int) -> str:
@@ -165,16 +180,18 @@ def compute(
 ):
     check_models(base, instruct, dtype, normalize, token)
     out = _fresh_dir(workspace, "residuals")
-    result = compute_residuals(
-        base.strip(),
-        instruct.strip(),
-        out,
-        dtype=dtype,
-        normalize_embeddings=normalize,
-        token=_token(token),
-        device=DEVICE,
-        progress=_progress(progress, "computing"),
-    )
+    with job_cache(workspace) as cache:
+        result = compute_residuals(
+            base.strip(),
+            instruct.strip(),
+            out,
+            dtype=dtype,
+            normalize_embeddings=normalize,
+            token=_token(token),
+            cache_dir=cache,
+            device=DEVICE,
+            progress=_progress(progress, "computing"),
+        )
     workspace["residuals"] = str(result.path)
     recon = result.reconstruction or {}
     exact = (
@@ -237,16 +254,18 @@ def apply(
     if not target.strip():
         raise gr.Error("Give the target model (your continued-pre-trained base): a Hub id or a local folder.")
     out = _fresh_dir(workspace, "merged")
-    result = apply_residuals(
-        residuals,
-        target.strip(),
-        out,
-        scale=scale,
-        dtype=None if dtype == "same as target" else dtype,
-        token=_token(token),
-        device=DEVICE,
-        progress=_progress(progress, "applying"),
-    )
+    with job_cache(workspace) as cache:
+        result = apply_residuals(
+            residuals,
+            target.strip(),
+            out,
+            scale=scale,
+            dtype=None if dtype == "same as target" else dtype,
+            token=_token(token),
+            cache_dir=cache,
+            device=DEVICE,
+            progress=_progress(progress, "applying"),
+        )
     workspace["merged"] = str(result.path)
     name = Path(target.strip().rstrip("/")).name + "-plus-residuals"
     return _merged_summary(result, f"`{target.strip()}` + {scale:g}·R"), _zip(result.path), workspace, name
@@ -267,17 +286,19 @@ def merge(
     if not (base.strip() and instruct.strip() and target.strip()):
         raise gr.Error("Fill in base, instruct and target models for a one-pass merge.")
     out = _fresh_dir(workspace, "merged")
-    result = merge_models(
-        base.strip(),
-        instruct.strip(),
-        target.strip(),
-        out,
-        scale=scale,
-        dtype=None if dtype == "same as target" else dtype,
-        token=_token(token),
-        device=DEVICE,
-        progress=_progress(progress, "merging"),
-    )
+    with job_cache(workspace) as cache:
+        result = merge_models(
+            base.strip(),
+            instruct.strip(),
+            target.strip(),
+            out,
+            scale=scale,
+            dtype=None if dtype == "same as target" else dtype,
+            token=_token(token),
+            cache_dir=cache,
+            device=DEVICE,
+            progress=_progress(progress, "merging"),
+        )
     workspace["merged"] = str(result.path)
     name = Path(target.strip().rstrip("/")).name + "-plus-residuals"
     return _merged_summary(result, "one pass"), _zip(result.path), workspace, name

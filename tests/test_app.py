@@ -93,6 +93,13 @@ def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
     assert "alice/demo-merged" in url and "alice/demo-merged" in hub.repos
 
 
+@needs_family
+def test_gpu_duration_from_model_sizes_reads_headers_only(hub):
+    small = app._gpu_seconds(app.DEMO["base-v1"], "float32", True)
+    assert small == 60  # 2 MB of weights
+    assert not hub.log  # 'float32' and the flags were not taken for Hub ids
+
+
 def test_session_folder_removed_with_the_session():
     ws = app.new_workspace()
     Path(ws["dir"], "file").write_text("x")
