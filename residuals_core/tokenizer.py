@@ -8,6 +8,7 @@ PAD added when missing, embeddings resized, new rows zeroed (transformers mean-i
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -65,8 +66,20 @@ def load_tokenizer(name_or_path: str | Path, **kwargs):
 
 def tokenizer_length(folder: Path) -> int | None:
     """len(tokenizer) of the tokenizer saved in `folder`, or None when it has none."""
-    if not has_tokenizer(Path(folder)):
+    folder = Path(folder)
+    if not has_tokenizer(folder):
         return None
+    if (folder / "tokenizer.json").is_file():
+        # fast path, no transformers import: the vocabulary and added tokens of tokenizer.json, plus any
+        # added token that only tokenizer_config.json declares
+        from tokenizers import Tokenizer
+
+        count = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        config = folder / "tokenizer_config.json"
+        if config.is_file():
+            declared = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+            count = max([count, *(int(i) + 1 for i in declared)])
+        return count
     return len(load_tokenizer(folder))
 
 

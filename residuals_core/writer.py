@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,10 @@ class ShardWriter:
         self.manifest: dict[str, dict[str, Any]] = {}
         self._file = None
         self._hash = None
+        self._failure: BaseException | None = None
+        self._queue_out: queue.Queue = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._background, daemon=True)
+        self._thread.start()
         self._filename = ""
         self._pending: list[str] = []
         self._remaining = 0  # bytes left of the current tensor
@@ -143,10 +149,39 @@ class ShardWriter:
         self._emit(len(encoded).to_bytes(8, "little") + encoded)
 
     def _emit(self, data) -> None:
-        self._file.write(data)
-        self._hash.update(data)
+        """Hand bytes to the background thread that writes and hashes them (bounded queue).
+
+        Writing and sha256 overlap the arithmetic of the next piece: hashlib and file writes release
+        the GIL. `data` must not be modified afterwards (pieces are fresh tensors).
+        """
+        self._check_background()
+        self._queue_out.put((self._file, self._hash, data))
+
+    def _background(self) -> None:
+        while True:
+            item = self._queue_out.get()
+            try:
+                if item is None:
+                    return
+                file, digest, data = item
+                if self._failure is None:
+                    file.write(data)
+                    digest.update(data)
+            except BaseException as exc:  # reported to the caller on its next call
+                self._failure = exc
+            finally:
+                self._queue_out.task_done()
+
+    def _check_background(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _drain(self) -> None:
+        self._queue_out.join()
+        self._check_background()
 
     def _finish_file(self) -> None:
+        self._drain()
         self._file.flush()
         os.fsync(self._file.fileno())
         size = self._file.tell()
@@ -194,9 +229,17 @@ class ShardWriter:
             path = self.folder / "model.safetensors.index.json"
             path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             self.manifest[path.name] = file_digest(path)
+        self._stop()
         return self.manifest
 
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue_out.put(None)
+            self._thread.join()
+
     def abort(self) -> None:
+        self._failure = self._failure or RuntimeError("aborted")  # the thread drops what is still queued
+        self._stop()
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
