@@ -253,10 +253,25 @@ def apply(
     residuals = _residuals_source(source, residuals_path, workspace)
     if not target.strip():
         raise gr.Error("Give the target model (your continued-pre-trained base): a Hub id or a local folder.")
+    return _into_merged(
+        workspace,
+        apply_residuals,
+        (residuals,),
+        target,
+        scale,
+        dtype,
+        token,
+        progress,
+        f"`{target.strip()}` + {scale:g}·R",
+    )
+
+
+def _into_merged(workspace, operation, inputs: tuple, target: str, scale, dtype, token, progress, what: str):
+    """Run apply or merge into the session's `merged` folder with a per-job Hub cache."""
     out = _fresh_dir(workspace, "merged")
     with job_cache(workspace) as cache:
-        result = apply_residuals(
-            residuals,
+        result = operation(
+            *inputs,
             target.strip(),
             out,
             scale=scale,
@@ -264,11 +279,11 @@ def apply(
             token=_token(token),
             cache_dir=cache,
             device=DEVICE,
-            progress=_progress(progress, "applying"),
+            progress=_progress(progress, "merging"),
         )
     workspace["merged"] = str(result.path)
     name = Path(target.strip().rstrip("/")).name + "-plus-residuals"
-    return _merged_summary(result, f"`{target.strip()}` + {scale:g}·R"), _zip(result.path), workspace, name
+    return _merged_summary(result, what), _zip(result.path), workspace, name
 
 
 @spaces.GPU(duration=_gpu_seconds)
@@ -285,23 +300,17 @@ def merge(
 ):
     if not (base.strip() and instruct.strip() and target.strip()):
         raise gr.Error("Fill in base, instruct and target models for a one-pass merge.")
-    out = _fresh_dir(workspace, "merged")
-    with job_cache(workspace) as cache:
-        result = merge_models(
-            base.strip(),
-            instruct.strip(),
-            target.strip(),
-            out,
-            scale=scale,
-            dtype=None if dtype == "same as target" else dtype,
-            token=_token(token),
-            cache_dir=cache,
-            device=DEVICE,
-            progress=_progress(progress, "merging"),
-        )
-    workspace["merged"] = str(result.path)
-    name = Path(target.strip().rstrip("/")).name + "-plus-residuals"
-    return _merged_summary(result, "one pass"), _zip(result.path), workspace, name
+    return _into_merged(
+        workspace,
+        merge_models,
+        (base.strip(), instruct.strip()),
+        target,
+        scale,
+        dtype,
+        token,
+        progress,
+        "one pass",
+    )
 
 
 # ---- Inspect ----------------------------------------------------------------------------------------
