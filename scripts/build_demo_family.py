@@ -1,4 +1,4 @@
-"""Build the bundled demo model family (work in progress for the demo-family issue).
+"""Build the bundled demo model family (assets/demo-family): seeded, offline, about 6 minutes on 2 cores.
 
 A synthetic world of invented entities and invented attribute values, split into world A (old
 knowledge) and world B (the new domain). Models: base-v1 (pretrained on world-A prose),
