@@ -145,12 +145,16 @@ def largest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 # ---- Compute ----------------------------------------------------------------------------------------
-@ui_errors
-def check_models(base: str, instruct: str, dtype: str, normalize: bool, token: str | None) -> str:
+def _require_pair(base: str, instruct: str) -> None:
     if not base.strip() or not instruct.strip():
         raise gr.Error(
             "Fill in both the base and the instruct model (a Hub id like org/name, or a local folder)."
         )
+
+
+@ui_errors
+def check_models(base: str, instruct: str, dtype: str, normalize: bool, token: str | None) -> str:
+    _require_pair(base, instruct)
     report = operations.check_compatibility(
         base.strip(), instruct.strip(), normalize_embeddings=normalize, dtype=dtype, token=_token(token)
     )
@@ -178,7 +182,7 @@ def compute(
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects it)
 ):
-    check_models(base, instruct, dtype, normalize, token)
+    _require_pair(base, instruct)  # compute itself rejects incompatible models from headers, before work
     out = _fresh_dir(workspace, "residuals")
     with job_cache(workspace) as cache:
         result = compute_residuals(

@@ -32,7 +32,7 @@ class OutputTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    operands: list[tuple[TensorSource, str] | None]  # None: this operand is all zeros
+    operands: list[tuple[TensorSource, str]]  # (source, tensor name) per operand
 
     @property
     def info(self) -> TensorInfo:
@@ -190,24 +190,21 @@ class DictSink:
         self._pieces: dict[str, list[torch.Tensor]] = {}
 
     def write(self, name: str, piece: torch.Tensor) -> None:
-        # pieces may be views of reused read buffers or of the caller's parameters: keep a copy
-        self._pieces.setdefault(name, []).append(piece.clone())
+        self._pieces.setdefault(name, []).append(piece)  # execute() hands over pieces it no longer uses
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: torch.cat(p).reshape(self._shapes[n]) for n, p in self._pieces.items()}
 
 
 def _read_padded(
-    operand: tuple[TensorSource, str] | None,
+    operand: tuple[TensorSource, str],
     start: int,
     stop: int,
     row_numel: int,
     buffers: dict,
     slot: int,
-) -> torch.Tensor | None:
-    """Rows [start, stop) of an operand, zero rows beyond its end; None for an all-zero operand."""
-    if operand is None:
-        return None
+) -> torch.Tensor:
+    """Rows [start, stop) of an operand, zero rows beyond its end (vocabulary padding)."""
     source, name = operand
     info = source.tensors[name]
     have = min(stop, info.row_count) - start
@@ -230,11 +227,11 @@ def _buffer(buffers: dict, key, count: int) -> torch.Tensor:
 
 def execute(
     plan: Plan,
-    combine: Callable[[list[torch.Tensor | None], OutputTensor], tuple[torch.Tensor, torch.Tensor]],
+    combine: Callable[[list[torch.Tensor], OutputTensor], tuple[torch.Tensor, torch.Tensor]],
     sink,
     *,
     reference_operand: int | None = None,
-    check_reconstruction: Callable[[list[torch.Tensor | None], torch.Tensor, OutputTensor], tuple[int, float]]
+    check_reconstruction: Callable[[list[torch.Tensor], torch.Tensor, OutputTensor], tuple[int, float]]
     | None = None,
     device: str | torch.device = "cpu",
     piece_bytes: int | None = None,
@@ -262,15 +259,15 @@ def execute(
                 _read_padded(op, start, stop, info.row_numel, buffers, slot)
                 for slot, op in enumerate(out.operands)
             ]
-            pieces = [None if p is None else p.to(device=device, dtype=work_dtype) for p in raw]
+            pieces = [p.to(device=device, dtype=work_dtype) for p in raw]
             result, delta = combine(pieces, out)
             if out.is_float:
                 # NaN/Inf propagate through a sum: one cheap reduction instead of an isfinite pass
                 if not math.isfinite(float(result.sum())):
                     bad = [
-                        f"{role_source[0].label}"
-                        for p, role_source in zip(pieces, out.operands, strict=True)
-                        if p is not None and role_source is not None and not torch.isfinite(p).all()
+                        source.label
+                        for p, (source, _) in zip(pieces, out.operands, strict=True)
+                        if not torch.isfinite(p).all()
                     ]
                     where = f" (non-finite values already in: {', '.join(bad)})" if bad else ""
                     raise ResidualsError(
@@ -279,15 +276,14 @@ def execute(
                         "nothing was written.",
                     )
                 st.norm_sq += float(torch.dot(delta, delta))  # flat float32 pieces: one BLAS call
-                reference = pieces[reference_operand] if reference_operand is not None else None
-                if reference is not None:
+                if reference_operand is not None:
+                    reference = pieces[reference_operand]
                     st.reference_norm_sq += float(torch.dot(reference, reference))
             stored = result.to(out.dtype)
-            if any(
-                r is not None and stored.untyped_storage().data_ptr() == r.untyped_storage().data_ptr()
-                for r in raw
-            ):
-                stored = stored.clone()  # the sink may keep it after the read buffer is reused
+            if any(stored.untyped_storage().data_ptr() == r.untyped_storage().data_ptr() for r in raw):
+                stored = (
+                    stored.clone()
+                )  # sinks keep or queue it: never hand over a reused buffer or a parameter
             if check_reconstruction is not None and out.is_float:
                 mismatched, max_err = check_reconstruction(pieces, stored, out)
                 st.mismatched += mismatched
@@ -299,7 +295,7 @@ def execute(
 
 
 # ---- the three operations' arithmetic ---------------------------------------------------------
-def residual_of(pieces: list[torch.Tensor | None], out: OutputTensor) -> torch.Tensor:
+def residual_of(pieces: list[torch.Tensor], out: OutputTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """R = instruct − base (operands: base, instruct)."""
     base, instruct = pieces
     residual = instruct - base
@@ -309,7 +305,7 @@ def residual_of(pieces: list[torch.Tensor | None], out: OutputTensor) -> torch.T
 def make_apply(scale: float) -> Callable:
     """out = target + scale·R (operands: target, residual); integer tensors get R unscaled."""
 
-    def apply(pieces: list[torch.Tensor | None], out: OutputTensor) -> torch.Tensor:
+    def apply(pieces: list[torch.Tensor], out: OutputTensor) -> tuple[torch.Tensor, torch.Tensor]:
         target, residual = pieces
         if scale != 1.0 and out.is_float:
             residual = residual * scale
@@ -321,7 +317,7 @@ def make_apply(scale: float) -> Callable:
 def make_merge(scale: float) -> Callable:
     """out = target + scale·(instruct − base) (operands: target, base, instruct), no residual written."""
 
-    def merge(pieces: list[torch.Tensor | None], out: OutputTensor) -> torch.Tensor:
+    def merge(pieces: list[torch.Tensor], out: OutputTensor) -> tuple[torch.Tensor, torch.Tensor]:
         target, base, instruct = pieces
         delta = instruct - base
         if scale != 1.0 and out.is_float:
@@ -332,7 +328,7 @@ def make_merge(scale: float) -> Callable:
 
 
 def reconstruction_check(
-    pieces: list[torch.Tensor | None], stored: torch.Tensor, out: OutputTensor
+    pieces: list[torch.Tensor], stored: torch.Tensor, out: OutputTensor
 ) -> tuple[int, float]:
     """For compute: does base + stored residual give back instruct, bit for bit, in instruct's own dtype?"""
     base, instruct = pieces

@@ -157,6 +157,7 @@ class TensorSource:
 
     tensors: dict[str, TensorInfo]
     label: str
+    vocab_size: int | None = None  # the model's vocabulary rows, when known (config or instance)
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -323,8 +324,11 @@ class StateDictSource(TensorSource):
     with; the checkpoint on disk holds it once, so keep the first name per storage.
     """
 
-    def __init__(self, state: Mapping[str, torch.Tensor], label: str = "model instance"):
+    def __init__(
+        self, state: Mapping[str, torch.Tensor], label: str = "model instance", vocab_size: int | None = None
+    ):
         self.label = label
+        self.vocab_size = vocab_size
         self._state: dict[str, torch.Tensor] = {}
         self.aliases: dict[str, str] = {}  # dropped tied name -> kept name
         seen: dict[tuple[int, int, tuple, torch.dtype], str] = {}

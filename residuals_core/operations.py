@@ -94,6 +94,24 @@ def fetch_all(
     ]
 
 
+def plan_then_fetch(
+    make_plan: Callable[[list[Checkpoint]], arithmetic.Plan],
+    sources: list[Checkpoint],
+    out_dir: str | os.PathLike,
+    **fetch_options: Any,
+) -> tuple[arithmetic.Plan, list[Checkpoint]]:
+    """Plan from headers and check free disk (fails early), then download what is on the Hub.
+
+    The plan is rebuilt only when something was downloaded, so that it reads from local files.
+    """
+    plan = make_plan(sources)
+    check_free_disk(Path(out_dir), plan.total_bytes)
+    fetched = fetch_all(sources, **fetch_options)
+    if any(a is not b for a, b in zip(fetched, sources, strict=True)):
+        plan = make_plan(fetched)
+    return plan, fetched
+
+
 def open_residuals(
     name_or_path: str | os.PathLike,
     *,
@@ -232,6 +250,28 @@ def _close_all(*sources: TensorSource) -> None:
         source.close()
 
 
+def plan_difference(
+    base: TensorSource,
+    instruct: TensorSource,
+    *,
+    target: TensorSource | None = None,
+    out_dtype: torch.dtype | None,
+    normalize_embeddings: bool,
+    tokenizer_length: int | None,
+) -> arithmetic.Plan:
+    """The plan of compute (base, instruct) or of a one-pass merge (target, base, instruct), from headers."""
+    roles = [("base", base), ("instruct", instruct)]
+    if target is not None:
+        roles.insert(0, ("target", target))
+    return arithmetic.plan_tensors(
+        roles,
+        out_dtype=_cast_floats(out_dtype),
+        normalize_embeddings=normalize_embeddings,
+        vocab_sizes=[source.vocab_size for _, source in roles],
+        min_vocab_rows=tokenizer_length if normalize_embeddings else None,
+    )
+
+
 # ---- compute ---------------------------------------------------------------------------------------
 def compute_residuals(
     base: str | os.PathLike | Checkpoint,
@@ -273,20 +313,14 @@ def compute_residuals(
         inst_ck, instruct_tokenizer, instruct_tokenizer_name
     )
 
-    def make_plan(base_src: Checkpoint, inst_src: Checkpoint) -> arithmetic.Plan:
-        return arithmetic.plan_tensors(
-            [("base", base_src), ("instruct", inst_src)],
-            out_dtype=_cast_floats(storage),
-            normalize_embeddings=normalize_embeddings,
-            vocab_sizes=[base_src.vocab_size, inst_src.vocab_size],
-            min_vocab_rows=tok_len if normalize_embeddings else None,
+    def make_plan(sources: list[Checkpoint]) -> arithmetic.Plan:
+        return plan_difference(
+            *sources, out_dtype=storage, normalize_embeddings=normalize_embeddings, tokenizer_length=tok_len
         )
 
-    check_free_disk(Path(out_dir), make_plan(base_ck, inst_ck).total_bytes)  # headers only: fails early
-    base_ck, inst_ck = fetch_all(
-        [base_ck, inst_ck], token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+    plan, (base_ck, inst_ck) = plan_then_fetch(
+        make_plan, [base_ck, inst_ck], out_dir, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
     )
-    plan = make_plan(base_ck, inst_ck)
     try:
         with AtomicFolder(out_dir, overwrite=overwrite) as target:
             weights, tensor_stats = _stream(
@@ -464,7 +498,8 @@ def apply_residuals(
     res_tok_len = tokenizer_length(res_ck.folder)
     target_hash = shapes_hash(target_ck.tensors.values())[0]
 
-    def make_plan(target_src: Checkpoint) -> arithmetic.Plan:
+    def make_plan(sources: list[Checkpoint]) -> arithmetic.Plan:
+        (target_src,) = sources
         return arithmetic.plan_tensors(
             [("target", target_src), ("residuals", res_ck)],
             out_dtype=_cast_floats(out_dtype),
@@ -479,9 +514,9 @@ def apply_residuals(
             ),
         )
 
-    check_free_disk(Path(out_dir), make_plan(target_ck).total_bytes)  # headers only: fails early
-    (target_ck,) = fetch_all([target_ck], token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
-    plan = make_plan(target_ck)
+    plan, (target_ck,) = plan_then_fetch(
+        make_plan, [target_ck], out_dir, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+    )
     try:
         return _write_merged(
             plan,
@@ -539,18 +574,20 @@ def merge_models(
     inst_tok_len = tokenizer_length(inst_ck.folder)
 
     def make_plan(sources: list[Checkpoint]) -> arithmetic.Plan:
-        return arithmetic.plan_tensors(
-            list(zip(("target", "base", "instruct"), sources, strict=True)),
-            out_dtype=_cast_floats(out_dtype),
+        target_src, base_src, inst_src = sources
+        return plan_difference(
+            base_src,
+            inst_src,
+            target=target_src,
+            out_dtype=out_dtype,
             normalize_embeddings=normalize_embeddings,
-            vocab_sizes=[s.vocab_size for s in sources],
-            min_vocab_rows=inst_tok_len if normalize_embeddings else None,
+            tokenizer_length=inst_tok_len,
         )
 
-    check_free_disk(Path(out_dir), make_plan(opened).total_bytes)  # headers only: fails early
-    opened = fetch_all(opened, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    plan, opened = plan_then_fetch(
+        make_plan, opened, out_dir, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
+    )
     target_ck, base_ck, inst_ck = opened
-    plan = make_plan(opened)
     try:
         return _write_merged(
             plan,
@@ -755,13 +792,13 @@ def check_compatibility(
     try:
         base_ck, inst_ck = opened[:2]
         _, tok_len, _ = instruct_tokenizer_info(inst_ck, None, None)
-        roles = list(zip(("base", "instruct", "target"), opened, strict=False))
-        plan = arithmetic.plan_tensors(
-            [roles[-1], *roles[:-1]] if target is not None else roles,
-            out_dtype=_cast_floats(storage if target is None else None),
+        plan = plan_difference(
+            base_ck,
+            inst_ck,
+            target=opened[2] if target is not None else None,
+            out_dtype=storage if target is None else None,
             normalize_embeddings=normalize_embeddings,
-            vocab_sizes=[c.vocab_size for c in opened],
-            min_vocab_rows=tok_len if normalize_embeddings else None,
+            tokenizer_length=tok_len,
         )
     finally:
         _close_all(*opened)

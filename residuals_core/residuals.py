@@ -26,6 +26,7 @@ from .errors import ResidualsError
 from .tokenizer import (
     align_tokenizer_and_embeddings,
     copy_tokenizer,
+    grow_embeddings,
     has_tokenizer,
     load_tokenizer,
     resize_model_to_tokenizer,
@@ -74,18 +75,19 @@ def _open_input(model: Any, role: str, **kwargs) -> TensorSource:
     if _is_path_like(model):
         return operations.open_model(model, role=role, **kwargs)
     if isinstance(model, torch.nn.Module):
-        return StateDictSource(model.state_dict(), label=_model_name(model) or f"{role} model instance")
+        return StateDictSource(
+            model.state_dict(),
+            label=_model_name(model) or f"{role} model instance",
+            vocab_size=_vocab_size(model),
+        )
     raise ResidualsError(
         f"{role}_model must be a model instance, a local folder or a Hub id; got {type(model).__name__}.",
         "Pass e.g. 'meta-llama/Meta-Llama-3-8B' or an AutoModelForCausalLM instance.",
     )
 
 
-def _vocab_size(model: Any, source: TensorSource) -> int | None:
-    if isinstance(source, Checkpoint):
-        return source.vocab_size
-    config = getattr(model, "config", None)
-    size = getattr(config, "vocab_size", None)
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
     if size is None and hasattr(model, "get_input_embeddings"):
         size = model.get_input_embeddings().weight.shape[0]
     return size
@@ -165,12 +167,12 @@ class Residuals:
             tok_name, tok_len, _ = operations.instruct_tokenizer_info(
                 inst_src, tokenizer, instruct_tokenizer_name
             )
-            plan = arithmetic.plan_tensors(
-                [("base", base_src), ("instruct", inst_src)],
-                out_dtype=lambda info: storage if info.dtype.is_floating_point else info.dtype,
+            plan = operations.plan_difference(
+                base_src,
+                inst_src,
+                out_dtype=storage,
                 normalize_embeddings=normalize_embeddings,
-                vocab_sizes=[base_src.vocab_size, inst_src.vocab_size],
-                min_vocab_rows=tok_len if normalize_embeddings else None,
+                tokenizer_length=tok_len,
             )
             res = Residuals(
                 config=build_config(
@@ -193,20 +195,20 @@ class Residuals:
             return res
 
         # at least one instance: compute in memory, as the residuals package does
-        tok_len = len(tokenizer) if (tokenizer is not None and normalize_embeddings) else None
+        tok_len = len(tokenizer) if tokenizer is not None else None
         if not normalize_embeddings and tokenizer is not None:
-            sizes = {_vocab_size(m, s) for m, s in ((base_model, base_src), (instruct_model, inst_src))}
+            sizes = {base_src.vocab_size, inst_src.vocab_size}
             if any(size is not None and size != len(tokenizer) for size in sizes):
                 raise ResidualsError(
                     f"Tokenizer vocab length ({len(tokenizer)}) does not match model embedding sizes ({sorted(sizes)}).",
                     "Set normalize_embeddings=True to auto-resize.",
                 )
-        plan = arithmetic.plan_tensors(
-            [("base", base_src), ("instruct", inst_src)],
-            out_dtype=lambda info: storage if info.dtype.is_floating_point else info.dtype,
+        plan = operations.plan_difference(
+            base_src,
+            inst_src,
+            out_dtype=storage,
             normalize_embeddings=normalize_embeddings,
-            vocab_sizes=[_vocab_size(base_model, base_src), _vocab_size(instruct_model, inst_src)],
-            min_vocab_rows=tok_len,
+            tokenizer_length=tok_len,
         )
         sink = arithmetic.DictSink(plan)
         stats = arithmetic.execute(
@@ -531,13 +533,7 @@ class Residuals:
         ):
             align_tokenizer_and_embeddings(model, base_tokenizer)
         if normalize_embeddings and embed_name and embed_name in residuals:
-            rows = residuals[embed_name].shape[0]
-            if rows > model.get_input_embeddings().weight.shape[0]:
-                from .tokenizer import _zero_rows
-
-                current = model.get_input_embeddings().weight.shape[0]
-                model.resize_token_embeddings(rows)
-                _zero_rows(model, rows - current)
+            grow_embeddings(model, residuals[embed_name].shape[0])
         params = dict(model.named_parameters())
         missing = [n for n in params if n not in residuals]
         if missing:

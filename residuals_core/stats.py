@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TensorSource
+from .checkpoint import TensorSource, iter_row_ranges
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)\.")
 _ANY_NUMBER = re.compile(r"\.(\d+)\.")
@@ -106,8 +106,6 @@ def summarize(tensors: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 def tensor_norms(source: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) -> dict[str, dict[str, float]]:
     """Norms of every tensor of a source, streamed (for residual folders saved without stats)."""
-    from .checkpoint import iter_row_ranges
-
     result = {}
     for name, info in source.tensors.items():
         norm_sq = 0.0
@@ -121,8 +119,6 @@ def tensor_norms(source: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) ->
 
 def cosine_by_layer(a: TensorSource, b: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) -> list[dict]:
     """Per-layer cosine similarity of two residual sets over their common tensors (portability picture)."""
-    from .checkpoint import iter_row_ranges
-
     acc: dict[str, list[float]] = {}
     for name, info in a.tensors.items():
         other = b.tensors.get(name)

@@ -83,31 +83,16 @@ def tokenizer_length(folder: Path) -> int | None:
     return len(load_tokenizer(folder))
 
 
-def resize_model_to_tokenizer(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
-    """Grow a model's embeddings to len(tokenizer) with zeroed new rows; never shrink."""
-    target = len(tokenizer)
+def grow_embeddings(model: torch.nn.Module, rows: int) -> torch.nn.Module:
+    """Grow a model's embeddings (and output head) to `rows` with zeroed new rows; never shrink.
+
+    transformers mean-initialises new rows; zeros keep them from contaminating the residual.
+    """
     current = model.get_input_embeddings().weight.shape[0]
-    if target <= current:
+    if rows <= current:
         return model
-    model.resize_token_embeddings(target)
-    _zero_rows(model, target - current)
-    return model
-
-
-def align_tokenizer_and_embeddings(model: torch.nn.Module, tokenizer):
-    """Add a PAD token when the tokenizer has none, resize embeddings, zero the new rows."""
-    added = 0
-    if tokenizer.pad_token is None:
-        added = tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
-    if added:
-        current = model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > current:
-            model.resize_token_embeddings(len(tokenizer))
-            _zero_rows(model, len(tokenizer) - current)
-    return model, tokenizer
-
-
-def _zero_rows(model: torch.nn.Module, count: int) -> None:
+    model.resize_token_embeddings(rows)
+    count = rows - current
     with torch.no_grad():
         model.get_input_embeddings().weight[-count:] = 0
         output = model.get_output_embeddings()
@@ -115,3 +100,16 @@ def _zero_rows(model: torch.nn.Module, count: int) -> None:
             output.weight[-count:] = 0
             if getattr(output, "bias", None) is not None:
                 output.bias[-count:] = 0
+    return model
+
+
+def resize_model_to_tokenizer(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
+    """Grow a model's embeddings to len(tokenizer) with zeroed new rows; never shrink."""
+    return grow_embeddings(model, len(tokenizer))
+
+
+def align_tokenizer_and_embeddings(model: torch.nn.Module, tokenizer):
+    """Add a PAD token when the tokenizer has none, resize embeddings, zero the new rows."""
+    if tokenizer.pad_token is None and tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN}):
+        grow_embeddings(model, len(tokenizer))
+    return model, tokenizer

@@ -205,14 +205,23 @@ class LocalHub:
                 del hub.repos[repo_id]
                 self._send(200, {})
 
-            def _info(self, repo_id: str, revision: str):
+            def _lookup(self, repo_id: str, revision: str):
+                """(repo, (sha, files)) the caller may see, or None after answering 404."""
                 repo = self._visible(repo_id)
                 if repo is None:
-                    return self._error(404, "Repository not found", "RepoNotFound")
+                    self._error(404, "Repository not found", "RepoNotFound")
+                    return None
                 snap = hub._snapshot(repo, revision)
                 if snap is None:
-                    return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-                sha, files = snap
+                    self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+                    return None
+                return repo, snap
+
+            def _info(self, repo_id: str, revision: str):
+                found = self._lookup(repo_id, revision)
+                if found is None:
+                    return None
+                repo, (sha, files) = found
                 self._send(
                     200,
                     {
@@ -290,10 +299,10 @@ class LocalHub:
                 )
 
             def _tree(self, repo_id: str, revision: str, prefix: str):
-                repo = self._visible(repo_id)
-                snap = hub._snapshot(repo, revision) if repo else None
-                if snap is None:
-                    return self._error(404, "Repository not found", "RepoNotFound")
+                found = self._lookup(repo_id, revision)
+                if found is None:
+                    return None
+                _, snap = found
                 entries = [
                     {"type": "file", "path": p, "oid": b, "size": (hub.root / "blobs" / b).stat().st_size}
                     for p, b in sorted(snap[1].items())
@@ -302,13 +311,10 @@ class LocalHub:
                 self._send(200, entries)
 
             def _resolve(self, repo_id: str, revision: str, filename: str):
-                repo = self._visible(repo_id)
-                if repo is None:
-                    return self._error(404, "Repository not found", "RepoNotFound")
-                snap = hub._snapshot(repo, revision)
-                if snap is None:
-                    return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-                sha, files = snap
+                found = self._lookup(repo_id, revision)
+                if found is None:
+                    return None
+                _, (sha, files) = found
                 if filename not in files:
                     return self._error(404, f"Entry not found: {filename}", "EntryNotFound")
                 data = (hub.root / "blobs" / files[filename]).read_bytes()
