@@ -189,40 +189,60 @@ class DictSink:
         self._shapes = {o.name: o.shape for o in plan.outputs}
         self._pieces: dict[str, list[torch.Tensor]] = {}
 
+    def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        return torch.empty(count, dtype=dtype)  # kept: every piece is a fresh tensor
+
     def write(self, name: str, piece: torch.Tensor) -> None:
-        self._pieces.setdefault(name, []).append(piece)  # execute() hands over pieces it no longer uses
+        self._pieces.setdefault(name, []).append(piece)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: torch.cat(p).reshape(self._shapes[n]) for n, p in self._pieces.items()}
 
 
-def _read_padded(
+class _Buffers:
+    """Reused flat buffers, one per (purpose, operand slot, dtype, device).
+
+    Reusing a few 8 MB buffers instead of allocating fresh ones per piece avoids the kernel
+    zeroing new pages for every piece, which on these machines costs as much as the arithmetic.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple, dtype: torch.dtype, count: int, device: torch.device) -> torch.Tensor:
+        full = (*key, dtype, device)
+        buffer = self._buffers.get(full)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[full] = torch.empty(count, dtype=dtype, device=device)
+        return buffer[:count]
+
+
+def _read_rows(
     operand: tuple[TensorSource, str],
     start: int,
     stop: int,
     row_numel: int,
-    buffers: dict,
-    slot: int,
+    buffer: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Rows [start, stop) of an operand, zero rows beyond its end (vocabulary padding)."""
+    """Rows [start, stop) of an operand (into `buffer` when the source can), zero rows past its end."""
     source, name = operand
     info = source.tensors[name]
     have = min(stop, info.row_count) - start
-    count = (stop - start) * row_numel
     if have >= stop - start:
-        buffer = _buffer(buffers, (slot, info.dtype), count)
         return source.read_rows(name, start, stop, out=buffer)
-    piece = torch.zeros(count, dtype=info.dtype)
+    piece = torch.zeros((stop - start) * row_numel, dtype=info.dtype)  # vocabulary padding: rare
     if have > 0:
         piece[: have * row_numel] = source.read_rows(name, start, start + have)
     return piece
 
 
-def _buffer(buffers: dict, key, count: int) -> torch.Tensor:
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < count:
-        buffer = buffers[key] = torch.empty(count, dtype=key[1])
-    return buffer
+def _non_finite_inputs(out: OutputTensor, start: int, stop: int) -> list[str]:
+    """Which inputs hold NaN/Inf in these rows (re-read: the work buffers were overwritten)."""
+    return [
+        source.label
+        for source, name in out.operands
+        if not torch.isfinite(_read_rows((source, name), start, stop, out.info.row_numel, None)).all()
+    ]
 
 
 def execute(
@@ -231,7 +251,9 @@ def execute(
     sink,
     *,
     reference_operand: int | None = None,
-    check_reconstruction: Callable[[list[torch.Tensor], torch.Tensor, OutputTensor], tuple[int, float]]
+    check_reconstruction: Callable[
+        [list[torch.Tensor], list[torch.Tensor], torch.Tensor, OutputTensor], tuple[int, float]
+    ]
     | None = None,
     device: str | torch.device = "cpu",
     piece_bytes: int | None = None,
@@ -239,13 +261,18 @@ def execute(
 ) -> dict[str, TensorStats]:
     """Stream every output tensor through `combine` into `sink`; return per-tensor norms.
 
-    `combine` returns (result, delta): the result is written, the delta's norm is recorded (the
-    residual itself for compute, the scaled residual actually added for apply and merge).
+    Each operand's rows are read into a reused buffer and converted into a reused float32 work
+    buffer on `device` (float32 inputs on the CPU are read straight into it). `combine` may
+    overwrite those work buffers and returns (result, delta): the result is cast into a buffer
+    the sink provides and written; the delta's norm is recorded (the residual itself for
+    compute, the scaled residual actually added for apply and merge). `check_reconstruction`
+    gets the inputs as read (own dtypes), the work buffers after `combine`, and the stored piece.
     """
     device = torch.device(device)
     piece_bytes = piece_bytes or DEFAULT_PIECE_BYTES
     stats: dict[str, TensorStats] = {}
-    buffers: dict = {}
+    buffers = _Buffers()
+    cpu = torch.device("cpu")
     total = len(plan.outputs)
     for index, out in enumerate(plan.outputs):
         if progress:
@@ -255,20 +282,27 @@ def execute(
         work_dtype = torch.float32 if out.is_float else torch.int64
         ranges = [(0, 0)] if info.numel == 0 else iter_row_ranges(info, info.row_count, piece_bytes)
         for start, stop in ranges:
-            raw = [
-                _read_padded(op, start, stop, info.row_numel, buffers, slot)
-                for slot, op in enumerate(out.operands)
-            ]
-            pieces = [p.to(device=device, dtype=work_dtype) for p in raw]
-            result, delta = combine(pieces, out)
+            count = (stop - start) * info.row_numel
+            raw: list[torch.Tensor] = []
+            work: list[torch.Tensor] = []
+            for slot, operand in enumerate(out.operands):
+                in_dtype = operand[0].tensors[operand[1]].dtype
+                work_buffer = buffers.get(("work", slot), work_dtype, count, device)
+                # read straight into the work buffer when no conversion is needed and no one needs the
+                # input as read afterwards; otherwise read, then convert in one copy
+                direct = in_dtype == work_dtype and device == cpu and check_reconstruction is None
+                read_buffer = work_buffer if direct else buffers.get(("read", slot), in_dtype, count, cpu)
+                piece = _read_rows(operand, start, stop, info.row_numel, read_buffer)
+                raw.append(piece)
+                work.append(piece if piece.data_ptr() == work_buffer.data_ptr() else work_buffer.copy_(piece))
+            if out.is_float and reference_operand is not None:
+                reference = work[reference_operand]
+                st.reference_norm_sq += float(torch.dot(reference, reference))  # before combine overwrites it
+            result, delta = combine(work, out)
             if out.is_float:
                 # NaN/Inf propagate through a sum: one cheap reduction instead of an isfinite pass
                 if not math.isfinite(float(result.sum())):
-                    bad = [
-                        source.label
-                        for p, (source, _) in zip(pieces, out.operands, strict=True)
-                        if not torch.isfinite(p).all()
-                    ]
+                    bad = _non_finite_inputs(out, start, stop)
                     where = f" (non-finite values already in: {', '.join(bad)})" if bad else ""
                     raise ResidualsError(
                         f"The result for tensor {out.name!r} contains NaN or Inf{where}.",
@@ -276,29 +310,22 @@ def execute(
                         "nothing was written.",
                     )
                 st.norm_sq += float(torch.dot(delta, delta))  # flat float32 pieces: one BLAS call
-                if reference_operand is not None:
-                    reference = pieces[reference_operand]
-                    st.reference_norm_sq += float(torch.dot(reference, reference))
-            stored = result.to(out.dtype)
-            if any(stored.untyped_storage().data_ptr() == r.untyped_storage().data_ptr() for r in raw):
-                stored = (
-                    stored.clone()
-                )  # sinks keep or queue it: never hand over a reused buffer or a parameter
+            stored = sink.buffer(out.dtype, count).copy_(result)  # the one rounding to the output dtype
             if check_reconstruction is not None and out.is_float:
-                mismatched, max_err = check_reconstruction(pieces, stored, out)
+                mismatched, max_err = check_reconstruction(raw, work, stored, out)
                 st.mismatched += mismatched
                 st.max_abs_error = max(st.max_abs_error, max_err)
-            sink.write(out.name, stored.cpu())
+            sink.write(out.name, stored)
     if progress:
         progress(total, total, "done")
     return stats
 
 
-# ---- the three operations' arithmetic ---------------------------------------------------------
+# ---- the three operations' arithmetic (on float32 work buffers they may overwrite) ------------
 def residual_of(pieces: list[torch.Tensor], out: OutputTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """R = instruct − base (operands: base, instruct)."""
     base, instruct = pieces
-    residual = instruct - base
+    residual = instruct.sub_(base)
     return residual, residual
 
 
@@ -308,8 +335,8 @@ def make_apply(scale: float) -> Callable:
     def apply(pieces: list[torch.Tensor], out: OutputTensor) -> tuple[torch.Tensor, torch.Tensor]:
         target, residual = pieces
         if scale != 1.0 and out.is_float:
-            residual = residual * scale
-        return target + residual, residual
+            residual = residual.mul_(scale)
+        return target.add_(residual), residual
 
     return apply
 
@@ -319,27 +346,38 @@ def make_merge(scale: float) -> Callable:
 
     def merge(pieces: list[torch.Tensor], out: OutputTensor) -> tuple[torch.Tensor, torch.Tensor]:
         target, base, instruct = pieces
-        delta = instruct - base
+        delta = instruct.sub_(base)
         if scale != 1.0 and out.is_float:
-            delta = delta * scale
-        return target + delta, delta
+            delta = delta.mul_(scale)
+        return target.add_(delta), delta
 
     return merge
 
 
 def reconstruction_check(
-    pieces: list[torch.Tensor], stored: torch.Tensor, out: OutputTensor
+    raw: list[torch.Tensor], work: list[torch.Tensor], stored: torch.Tensor, out: OutputTensor
 ) -> tuple[int, float]:
-    """For compute: does base + stored residual give back instruct, bit for bit, in instruct's own dtype?"""
-    base, instruct = pieces
-    source, name = out.operands[1]
-    instruct_dtype = source.tensors[name].dtype
-    rebuilt = (base + stored.to(base.dtype)).to(instruct_dtype)
-    wrong = rebuilt != instruct.to(instruct_dtype)
-    mismatched = int(torch.count_nonzero(wrong))
-    if not mismatched:
+    """For compute: does base + stored residual give back instruct, bit for bit, in instruct's own dtype?
+
+    `raw` holds the inputs as read (own dtypes); `work[0]` still holds the base in float32
+    (`residual_of` overwrote only the instruct's work buffer) and is reused for the sum.
+    """
+    instruct = raw[1]
+    rebuilt = work[0].add_(stored.to(work[0].device)).to(instruct.dtype)
+    if _same_bits(rebuilt, instruct):
         return 0, 0.0
-    return mismatched, float((rebuilt.to(base.dtype) - instruct)[wrong].abs().max())
+    instruct = instruct.to(rebuilt.device)
+    wrong = rebuilt != instruct
+    errors = (rebuilt.float() - instruct.float())[wrong].abs()
+    return int(wrong.count_nonzero()), float(errors.max()) if errors.numel() else 0.0
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality; on the CPU through numpy, which compares 10× faster than torch.equal here."""
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        return torch.equal(a, b.to(a.device))
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return bool((a.view(as_int).numpy() == b.view(as_int).numpy()).all())
 
 
 def describe_stats(stats: dict[str, TensorStats]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm.auto import tqdm
@@ -67,6 +68,11 @@ def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
             "--allow-pickle",
             action="store_true",
             help="also read .bin/.pt checkpoints (pickle can run code: only for sources you trust)",
+        )
+        p.add_argument(
+            "--fsync",
+            action="store_true",
+            help="flush the output to disk before renaming it into place (survives a power loss; slower)",
         )
     p.add_argument(
         "--token", default=None, help="Hugging Face token for gated/private models (default: HF_TOKEN)"
@@ -153,6 +159,8 @@ def _print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = _TqdmProgress(args.command, enabled=not args.quiet)
+    if getattr(args, "fsync", False):
+        os.environ["RESIDUALS_FSYNC"] = "1"  # read by the writer: one switch for every output
     try:
         if args.command == "inspect":
             report = operations.inspect_residuals(args.path, token=args.token)

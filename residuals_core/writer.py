@@ -27,6 +27,17 @@ from .errors import ResidualsError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 HASH_CHUNK = 8 * 1024 * 1024
+QUEUED_PIECES = 4
+
+
+def fsync_enabled() -> bool:
+    """Whether outputs are fsync'ed before they are renamed into place (RESIDUALS_FSYNC=1, CLI --fsync).
+
+    Off by default, as with `save_pretrained`: the rename already makes a killed or failed run
+    leave nothing that looks complete, and the manifest's sha256 detects a folder damaged by a
+    power loss. On a slow disk an fsync costs more than the whole computation.
+    """
+    return os.environ.get("RESIDUALS_FSYNC", "") not in ("", "0")
 
 
 class AtomicFolder:
@@ -62,9 +73,29 @@ class AtomicFolder:
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.dest, old)
+        if fsync_enabled():
+            _fsync_tree(self.path)
         os.rename(self.path, self.dest)
+        if fsync_enabled():
+            _fsync_path(self.dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and directory below `folder` (the weights were flushed as they closed)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if not path.name.endswith(".safetensors"):
+            _fsync_path(path)
+    _fsync_path(folder)
 
 
 def _remove_stale_partials(dest: Path) -> None:
@@ -112,7 +143,10 @@ class ShardWriter:
         self._file = None
         self._hash = None
         self._failure: BaseException | None = None
-        self._queue_out: queue.Queue = queue.Queue(maxsize=4)
+        self._queue_out: queue.Queue = queue.Queue(maxsize=QUEUED_PIECES)
+        self._free: list[torch.Tensor] = []  # piece buffers the background thread has finished with
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> buffer handed out by `buffer()`
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._background, daemon=True)
         self._thread.start()
         self._filename = ""
@@ -148,14 +182,26 @@ class ShardWriter:
         self._pending = list(names)
         self._emit(len(encoded).to_bytes(8, "little") + encoded)
 
-    def _emit(self, data) -> None:
+    def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """A flat tensor to fill with the next piece; it is recycled once written (no fresh pages per piece)."""
+        nbytes = count * dtype.itemsize
+        with self._lock:
+            fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fitting:
+                storage = self._free.pop(fitting[0])
+            else:
+                storage = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self._lent[storage.data_ptr()] = storage
+        return storage[:nbytes].view(dtype)
+
+    def _emit(self, data, owner: torch.Tensor | None = None) -> None:
         """Hand bytes to the background thread that writes and hashes them (bounded queue).
 
         Writing and sha256 overlap the arithmetic of the next piece: hashlib and file writes release
         the GIL. `data` must not be modified afterwards (pieces are fresh tensors).
         """
         self._check_background()
-        self._queue_out.put((self._file, self._hash, data))
+        self._queue_out.put((self._file, self._hash, data, owner))
 
     def _background(self) -> None:
         while True:
@@ -163,10 +209,14 @@ class ShardWriter:
             try:
                 if item is None:
                     return
-                file, digest, data = item
+                file, digest, data, owner = item
                 if self._failure is None:
                     file.write(data)
                     digest.update(data)
+                if owner is not None:
+                    del data
+                    with self._lock:
+                        self._free.append(owner)
             except BaseException as exc:  # reported to the caller on its next call
                 self._failure = exc
             finally:
@@ -183,7 +233,8 @@ class ShardWriter:
     def _finish_file(self) -> None:
         self._drain()
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if fsync_enabled():
+            os.fsync(self._file.fileno())
         size = self._file.tell()
         self._file.close()
         self.manifest[self._filename] = {"sha256": self._hash.hexdigest(), "size": size}
@@ -202,10 +253,11 @@ class ShardWriter:
         spec = self._specs[name]
         if piece.dtype != spec.dtype:
             raise RuntimeError(f"{name}: piece dtype {piece.dtype} != planned {spec.dtype}")
+        owner = self._lent.pop(piece.data_ptr(), None) if piece.numel() else None
         data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes > self._remaining:
             raise RuntimeError(f"{name}: more data than its shape holds")
-        self._emit(memoryview(data))
+        self._emit(memoryview(data), owner)
         self._remaining -= data.nbytes
         if self._remaining == 0 and not self._pending:
             self._finish_file()
