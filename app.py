@@ -266,11 +266,14 @@ def apply(
         dtype,
         token,
         progress,
+        "applying",
         f"`{target.strip()}` + {scale:g}·R",
     )
 
 
-def _into_merged(workspace, operation, inputs: tuple, target: str, scale, dtype, token, progress, what: str):
+def _into_merged(
+    workspace, operation, inputs: tuple, target: str, scale, dtype, token, progress, label: str, what: str
+):
     """Run apply or merge into the session's `merged` folder with a per-job Hub cache."""
     out = _fresh_dir(workspace, "merged")
     with job_cache(workspace) as cache:
@@ -283,7 +286,7 @@ def _into_merged(workspace, operation, inputs: tuple, target: str, scale, dtype,
             token=_token(token),
             cache_dir=cache,
             device=DEVICE,
-            progress=_progress(progress, "merging"),
+            progress=_progress(progress, label),
         )
     workspace["merged"] = str(result.path)
     name = Path(target.strip().rstrip("/")).name + "-plus-residuals"
@@ -313,6 +316,7 @@ def merge(
         dtype,
         token,
         progress,
+        "merging",
         "one pass",
     )
 

@@ -91,10 +91,9 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file and directory below `folder` (the weights were flushed as they closed)."""
+    """Flush every file and directory below `folder`, deepest first (already-flushed files cost nothing)."""
     for path in sorted(folder.rglob("*"), reverse=True):
-        if not path.name.endswith(".safetensors"):
-            _fsync_path(path)
+        _fsync_path(path)
     _fsync_path(folder)
 
 
@@ -198,7 +197,8 @@ class ShardWriter:
         """Hand bytes to the background thread that writes and hashes them (bounded queue).
 
         Writing and sha256 overlap the arithmetic of the next piece: hashlib and file writes release
-        the GIL. `data` must not be modified afterwards (pieces are fresh tensors).
+        the GIL. `data` must not be modified afterwards; `owner`, a buffer lent by `buffer()`, goes
+        back to the pool once its bytes are written.
         """
         self._check_background()
         self._queue_out.put((self._file, self._hash, data, owner))
