@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,26 +147,56 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def verify_manifest(folder: Path) -> None:
     """Refuse a folder whose files do not match the sha256 and sizes recorded when it was written."""
-    manifest = read_manifest(folder)
-    if not manifest:
-        return  # written by another tool (e.g. the residuals package): nothing recorded to check
-    for name, entry in manifest.get("files", {}).items():
-        path = Path(folder) / name
-        if not path.is_file():
-            raise ResidualsError(
-                f"{folder}: {name} is missing (it is listed in {MANIFEST_NAME}).",
-                "The folder is incomplete: copy or download it again.",
+    ManifestCheck(folder).wait()
+
+
+class ManifestCheck:
+    """Check a folder against its manifest: sizes at once, sha256 in a background thread.
+
+    Hashing a 16 GB residual takes seconds; `apply` starts the check, streams meanwhile (both
+    read the same cached pages), and calls `wait()` before its output is renamed into place, so a
+    corrupted input still yields no output.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._problem: ResidualsError | None = None
+        manifest = read_manifest(self.folder)
+        entries = (manifest or {}).get("files", {})  # no manifest: another tool wrote it, nothing to check
+        for name, entry in entries.items():
+            path = self.folder / name
+            if not path.is_file():
+                raise ResidualsError(
+                    f"{folder}: {name} is missing (it is listed in {MANIFEST_NAME}).",
+                    "The folder is incomplete: copy or download it again.",
+                )
+            if path.stat().st_size != entry["size"]:
+                raise ResidualsError(
+                    f"{folder}: {name} has {path.stat().st_size} bytes, {entry['size']} were written — truncated or altered.",
+                    "Copy or download the folder again.",
+                )
+        self._thread = threading.Thread(target=self._hash_all, args=(entries,), daemon=True)
+        self._thread.start()
+
+    def _hash_all(self, entries: dict[str, dict[str, Any]]) -> None:
+        try:
+            for name, entry in entries.items():
+                if file_digest(self.folder / name)["sha256"] != entry["sha256"]:
+                    self._problem = ResidualsError(
+                        f"{self.folder}: {name} does not match its recorded sha256 — the file was altered or corrupted.",
+                        "Copy or download the folder again; do not edit weight files by hand.",
+                    )
+                    return
+        except OSError as exc:
+            self._problem = ResidualsError(
+                f"{self.folder}: could not read {exc.filename}: {exc.strerror}.",
+                "Check the folder and try again.",
             )
-        if path.stat().st_size != entry["size"]:
-            raise ResidualsError(
-                f"{folder}: {name} has {path.stat().st_size} bytes, {entry['size']} were written — truncated or altered.",
-                "Copy or download the folder again.",
-            )
-        if file_digest(path)["sha256"] != entry["sha256"]:
-            raise ResidualsError(
-                f"{folder}: {name} does not match its recorded sha256 — the file was altered or corrupted.",
-                "Copy or download the folder again; do not edit weight files by hand.",
-            )
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._problem is not None:
+            raise self._problem
 
 
 # ---- helpers shared by the operations -----------------------------------------------------------
@@ -489,7 +520,8 @@ def apply_residuals(
 ) -> Result:
     """θ_out = θ_target + scale·R, streamed into a complete model folder."""
     out_dtype = _float_dtype(dtype)
-    res_ck, res_cfg = open_residuals(residuals, token=token, cache_dir=cache_dir)
+    res_ck, res_cfg = open_residuals(residuals, token=token, cache_dir=cache_dir, verify=False)
+    res_check = ManifestCheck(res_ck.folder)  # hashes alongside the arithmetic; waited for before publishing
     target_ck = (
         target
         if isinstance(target, Checkpoint)
@@ -540,6 +572,7 @@ def apply_residuals(
             overwrite=overwrite,
             device=device,
             progress=progress,
+            before_publish=res_check.wait,
         )
     finally:
         _close_all(res_ck, target_ck)
@@ -634,6 +667,7 @@ def _write_merged(
     overwrite: bool,
     device: str | torch.device,
     progress: arithmetic.Progress | None,
+    before_publish: Callable[[], None] | None = None,
 ) -> Result:
     with AtomicFolder(out_dir, overwrite=overwrite) as out:
         weights, tensor_stats = _stream(
@@ -689,6 +723,8 @@ def _write_merged(
             license=license,
             language=language,
         ).save(out.path / "README.md")
+        if before_publish is not None:
+            before_publish()  # e.g. the inputs' sha256 check: raising here leaves no output
     return Result(
         path=Path(out_dir).absolute(),
         tensors=per_tensor,

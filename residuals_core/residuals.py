@@ -371,7 +371,7 @@ class Residuals:
             with operations.AtomicFolder(out_dir, overwrite=overwrite) as out:
                 weights, measured = operations._stream(
                     plan,
-                    lambda pieces, o: (pieces[0], pieces[0]),
+                    lambda pieces, o, into: (pieces[0], pieces[0]),
                     out.path,
                     max_shard_size=max_shard_size,
                     progress=progress,

@@ -1,11 +1,14 @@
 """Atomic outputs under a kill, the command line, and the model cards."""
 
+import errno
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from huggingface_hub import ModelCard
 from tiny_models import load_state
@@ -13,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from residuals_core import Residuals, compute_residuals
 from residuals_core.card import merged_card
+from residuals_core.writer import file_digest
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
 
@@ -49,23 +53,106 @@ def test_kill_mid_write_leaves_nothing_that_looks_complete(tmp_path, families):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_shard_writer_recycles_piece_buffers(tmp_path):
-    """Pieces are written through a few reused buffers (no fresh pages per piece), and arrive intact."""
+def test_shard_writer_fills_pieces_in_place_through_a_few_blocks(tmp_path):
+    """Pieces from buffer() sit where the file needs them (no copy), a bounded pool of blocks is reused."""
     from safetensors.torch import load_file
 
     from residuals_core.checkpoint import TensorInfo
-    from residuals_core.writer import QUEUED_PIECES, ShardWriter
+    from residuals_core.writer import BLOCKS_IN_FLIGHT, ShardWriter
 
-    expected = torch.arange(200 * 64, dtype=torch.float32).reshape(200, 64)
-    writer = ShardWriter(tmp_path, [TensorInfo("w", torch.float32, (200, 64))])
-    addresses = set()
-    for rows in expected.split(2):
+    expected = torch.arange(200 * 64 * 64, dtype=torch.float32).reshape(200 * 64, 64)
+    writer = ShardWriter(tmp_path, [TensorInfo("w", torch.float32, (200 * 64, 64))])
+    appended = []
+    real_append = writer._append
+    writer._append = lambda data: (appended.append(len(memoryview(data))), real_append(data))
+    for rows in expected.split(256):  # 64 KB pieces, 3.2 MB in all
         piece = writer.buffer(torch.float32, rows.numel()).copy_(rows.reshape(-1))
-        addresses.add(piece.data_ptr())
         writer.write("w", piece)
-    writer.close()
-    assert len(addresses) <= QUEUED_PIECES + 2  # 100 pieces through a handful of buffers
+    manifest = writer.close()
+    assert writer._blocks_made <= BLOCKS_IN_FLIGHT
+    assert len(appended) == 1 and appended[0] < 1024  # only the header was copied: every piece was in place
     assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], expected)
+    assert manifest["model.safetensors"] == file_digest(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_shard_writer_odd_sizes_and_shards_match_save_file(tmp_path, monkeypatch, direct):
+    """Unaligned sizes, a misaligned float32 after an odd bf16, pieces copied in and big ones: same bytes as safetensors."""
+    from safetensors.torch import load_file
+
+    from residuals_core.checkpoint import TensorInfo
+    from residuals_core.writer import BLOCK_CAPACITY, ShardWriter
+
+    monkeypatch.setenv("RESIDUALS_DIRECT_IO", direct)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.odd_bf16": torch.randn(3, 7, generator=gen).bfloat16(),  # 42 bytes: the next float32 is misaligned
+        "b.f32": torch.randn(1001, 3, generator=gen),
+        "c.big": torch.randn(BLOCK_CAPACITY // 4 + 999, generator=gen),  # larger than a block
+        "d.empty": torch.zeros(0, 5),
+        "e.i64": torch.arange(17),
+    }
+    writer = ShardWriter(
+        tmp_path, [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], max_shard_size="4MB"
+    )
+    for name in writer.order:
+        flat = tensors[name].reshape(-1)
+        for start in range(0, max(flat.numel(), 1), 700_000):
+            chunk = flat[start : start + 700_000]
+            if name == "e.i64":
+                writer.write(name, chunk)  # a caller's own tensor: copied in
+            else:
+                writer.write(name, writer.buffer(chunk.dtype, chunk.numel()).copy_(chunk))
+    manifest = writer.close()
+    assert writer.split.is_sharded
+    loaded = {}
+    for shard in sorted(tmp_path.glob("model-*.safetensors")):
+        loaded.update(load_file(shard))
+        assert manifest[shard.name] == file_digest(shard)
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_shard_writer_falls_back_when_direct_writes_are_refused(tmp_path, monkeypatch):
+    """A file system that accepts O_DIRECT at open but refuses the write still gets a correct file."""
+    from safetensors.torch import load_file
+
+    from residuals_core import writer as writer_module
+    from residuals_core.checkpoint import TensorInfo
+
+    real_write = os.write
+    refused = []
+
+    def picky_write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", picky_write)
+    tensor = torch.randn(5000, 3)
+    writer = writer_module.ShardWriter(tmp_path, [TensorInfo("w", torch.float32, (5000, 3))])
+    writer.write("w", writer.buffer(torch.float32, tensor.numel()).copy_(tensor.reshape(-1)))
+    writer.close()
+    assert refused  # O_DIRECT was really tried first
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], tensor)
+
+
+def test_write_error_surfaces_and_leaves_nothing(tmp_path, families, monkeypatch):
+    """A full disk in the writing thread reaches the caller as an error, and no output folder appears."""
+    from residuals_core import merge_models
+    from residuals_core import writer as writer_module
+
+    fam = families("llama")
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module.os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        merge_models(fam["base"], fam["instruct"], fam["base"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
 
 
 def test_fsync_only_when_asked(tmp_path, families, monkeypatch):

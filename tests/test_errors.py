@@ -163,6 +163,10 @@ def test_tampered_or_truncated_files_refused(tmp_path, families):
     weights.write_bytes(bytes(data))
     with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded sha256"):
         Residuals.from_pretrained(tmp_path / "res")
+    # apply hashes while it streams, and publishes nothing when the hash turns out wrong
+    with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded sha256"):
+        apply_residuals(tmp_path / "res", fam["base"], tmp_path / "applied")
+    assert not (tmp_path / "applied").exists() and not list(tmp_path.glob(".applied.partial-*"))
     weights.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(ResidualsError, match=r"model\.safetensors has \d+ bytes, \d+ were written"):
         Residuals.from_pretrained(tmp_path / "res")
