@@ -274,7 +274,7 @@ def execute(
     read (own dtypes), the work buffers after `combine`, the stored piece, and a reused scratch
     buffer of the second input's dtype on `device`.
     """
-    device = torch.device(device)
+    device = check_device(device)
     piece_bytes = piece_bytes or DEFAULT_PIECE_BYTES
     stats: dict[str, TensorStats] = {}
     buffers = _Buffers()
@@ -332,6 +332,26 @@ def execute(
     if progress:
         progress(total, total, "done")
     return stats
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device to combine on, refused up front with a clear message when it cannot be used."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ResidualsError(
+            f"{device!r} is not a device name ({exc}).", "Use 'cpu', or 'cuda' on a machine with a GPU."
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ResidualsError(
+            f"device {device!r} was asked for, but this machine has no usable CUDA GPU.",
+            "Use device 'cpu' (the default), or run on a machine with a CUDA GPU.",
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise ResidualsError(
+            f"device {device!r} is not supported.", "Use 'cpu', or 'cuda' on a machine with a GPU."
+        )
+    return resolved
 
 
 def _engine_threads() -> int:

@@ -327,6 +327,7 @@ def compute_residuals(
     progress: arithmetic.Progress | None = None,
 ) -> Result:
     """R = instruct − base, streamed into `out_dir` (a residuals folder the `residuals` package reads)."""
+    arithmetic.check_device(device)  # before any download or planning
     storage = _float_dtype(dtype)
     base_ck = (
         base
@@ -519,6 +520,7 @@ def apply_residuals(
     progress: arithmetic.Progress | None = None,
 ) -> Result:
     """θ_out = θ_target + scale·R, streamed into a complete model folder."""
+    arithmetic.check_device(device)  # before any download or planning
     out_dtype = _float_dtype(dtype)
     res_ck, res_cfg = open_residuals(residuals, token=token, cache_dir=cache_dir, verify=False)
     res_check = ManifestCheck(res_ck.folder)  # hashes alongside the arithmetic; waited for before publishing
@@ -596,6 +598,7 @@ def merge_models(
     progress: arithmetic.Progress | None = None,
 ) -> Result:
     """θ_out = θ_target + scale·(θ_instruct − θ_base) in one pass; no residuals are written."""
+    arithmetic.check_device(device)  # before any download or planning
     out_dtype = _float_dtype(dtype)
     opened = [
         m

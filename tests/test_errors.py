@@ -217,3 +217,14 @@ def test_index_listing_missing_shard(tmp_path, families):
     (broken / victim).unlink()
     with pytest.raises(ResidualsError, match=r"shard\(s\).*missing"):
         compute_residuals(broken, fam["instruct"], tmp_path / "out")
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "cuda"])
+def test_unusable_device_refused_before_work(tmp_path, families, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    fam = families("llama")
+    with pytest.raises(ResidualsError, match=r"device") as info:
+        merge_models(fam["base"], fam["instruct"], fam["base"], tmp_path / "out", device=device)
+    assert "'cpu'" in info.value.fix  # says what to use instead
+    assert not (tmp_path / "out").exists()
