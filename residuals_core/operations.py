@@ -31,7 +31,7 @@ from .checkpoint import (
 from .config import ResidualsConfig, build_config, shapes_hash
 from .errors import ResidualsError
 from .tokenizer import copy_tokenizer, has_tokenizer, tokenizer_length
-from .writer import DEFAULT_MAX_SHARD_SIZE, AtomicFolder, ShardWriter, file_digest
+from .writer import DEFAULT_MAX_SHARD_SIZE, AtomicFolder, ShardWriter, file_digest, matches_manifest
 
 MANIFEST_NAME = "residuals_manifest.json"
 DISK_MARGIN_BYTES = 64 * 1024 * 1024
@@ -181,9 +181,9 @@ class ManifestCheck:
     def _hash_all(self, entries: dict[str, dict[str, Any]]) -> None:
         try:
             for name, entry in entries.items():
-                if file_digest(self.folder / name)["sha256"] != entry["sha256"]:
+                if not matches_manifest(self.folder / name, entry):
                     self._problem = ResidualsError(
-                        f"{self.folder}: {name} does not match its recorded sha256 — the file was altered or corrupted.",
+                        f"{self.folder}: {name} does not match its recorded checksum — the file was altered or corrupted.",
                         "Copy or download the folder again; do not edit weight files by hand.",
                     )
                     return

@@ -161,10 +161,10 @@ def test_tampered_or_truncated_files_refused(tmp_path, families):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded sha256"):
+    with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded checksum"):
         Residuals.from_pretrained(tmp_path / "res")
     # apply hashes while it streams, and publishes nothing when the hash turns out wrong
-    with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded sha256"):
+    with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded checksum"):
         apply_residuals(tmp_path / "res", fam["base"], tmp_path / "applied")
     assert not (tmp_path / "applied").exists() and not list(tmp_path.glob(".applied.partial-*"))
     weights.write_bytes(bytes(data[: len(data) // 2]))
@@ -174,6 +174,24 @@ def test_tampered_or_truncated_files_refused(tmp_path, families):
     (tmp_path / "res" / "residuals_manifest.json").unlink()
     with pytest.raises(ResidualsError, match=r"model\.safetensors is truncated"):
         apply_residuals(tmp_path / "res", fam["base"], tmp_path / "out")
+
+
+def test_manifests_with_only_sha256_are_still_checked(tmp_path, families):
+    """Folders written before the quick checksum existed are verified by their sha256."""
+    fam = families("llama")
+    compute_residuals(fam["base"], fam["instruct"], tmp_path / "res")
+    manifest_path = tmp_path / "res" / "residuals_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"].values():
+        assert entry.pop("xxh3_64")
+    manifest_path.write_text(json.dumps(manifest))
+    Residuals.from_pretrained(tmp_path / "res")  # intact: accepted
+    weights = tmp_path / "res" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded checksum"):
+        Residuals.from_pretrained(tmp_path / "res")
 
 
 def test_missing_instruct_tokenizer_fails_before_work(tmp_path, families):
