@@ -239,7 +239,10 @@ class ShardWriter:
 
     # ---- the caller's side -----------------------------------------------------------------------
     def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
-        """A flat tensor to fill with the next piece: its bytes already sit where the file needs them."""
+        """A flat tensor to fill with the next piece: its bytes already sit where the file needs them.
+
+        One at a time: pass it to the next `write()` before asking for another.
+        """
         self._check_background()
         self._start_tensor_if_needed()
         nbytes = count * dtype.itemsize

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("assets/demo-family"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--entities", type=int, default=160)
+    parser.add_argument("--vocab", type=int, default=768, help="tokenizer vocabulary size")
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--cpt-steps", type=int, default=400)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread per process: fast on small matrices and byte-reproducible
     world = make_world(args.seed, entities=args.entities)
-    tokenizer = build_tokenizer(world, 768)
+    tokenizer = build_tokenizer(world, args.vocab)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
