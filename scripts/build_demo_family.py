@@ -1,4 +1,4 @@
-"""Build the bundled demo model family (assets/demo-family): seeded, offline, about 6 minutes on 2 cores.
+"""Build the bundled demo model family (assets/demo-family): seeded, offline, about 7.5 minutes on 2 cores.
 
 A synthetic world of invented entities and invented attribute values, split into world A (old
 knowledge) and world B (the new domain). Models: base-v1 (pretrained on world-A prose),
@@ -52,7 +52,7 @@ def invented_word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
 
 
-def make_world(seed: int, entities: int = 160, values_per_attribute: int = 16, share_b: float = 0.3) -> World:
+def make_world(seed: int, entities: int = 600, values_per_attribute: int = 16, share_b: float = 0.3) -> World:
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -198,7 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("assets/demo-family"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--entities", type=int, default=160)
+    parser.add_argument(
+        "--entities",
+        type=int,
+        default=600,
+        help="people in the world (30%% in world B); with 160, SFT memorised names instead of learning to answer",
+    )
     parser.add_argument("--vocab", type=int, default=768, help="tokenizer vocabulary size")
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--sft-steps", type=int, default=300)
@@ -206,11 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batch", type=int, default=32, help="pre-training and CPT batch (sequences of 96 tokens)"
     )
-    parser.add_argument(
-        "--sft-batch", type=int, default=8, help="instruction-tuning batch: the strength knob"
-    )
+    parser.add_argument("--sft-batch", type=int, default=8, help="instruction-tuning batch")
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
-    parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--sft-lr",
+        type=float,
+        default=3e-4,
+        help="instruction-tuning learning rate, the strength knob: at 1e-3 the residual wiped most world-B facts",
+    )
     parser.add_argument("--cpt-lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread per process: fast on small matrices and byte-reproducible
