@@ -146,14 +146,14 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def verify_manifest(folder: Path) -> None:
-    """Refuse a folder whose files do not match the sha256 and sizes recorded when it was written."""
+    """Refuse a folder whose files do not match the checksums and sizes recorded when it was written."""
     ManifestCheck(folder).wait()
 
 
 class ManifestCheck:
-    """Check a folder against its manifest: sizes at once, sha256 in a background thread.
+    """Check a folder against its manifest: sizes at once, checksums in a background thread.
 
-    Hashing a 16 GB residual takes seconds; `apply` starts the check, streams meanwhile (both
+    Reading and hashing a 16 GB residual takes seconds; `apply` starts the check, streams meanwhile (both
     read the same cached pages), and calls `wait()` before its output is renamed into place, so a
     corrupted input still yields no output.
     """
