@@ -284,7 +284,7 @@ def execute(
     buffers = _Buffers()
     cpu = torch.device("cpu")
     total = len(plan.outputs)
-    with _torch_threads(_engine_threads() if device.type == "cpu" else torch.get_num_threads()):
+    with _torch_threads(_engine_threads()) if device.type == "cpu" else contextlib.nullcontext():
         for index, out in enumerate(plan.outputs):
             if progress:
                 progress(index, total, out.name)
@@ -404,14 +404,13 @@ def make_apply(scale: float) -> Callable:
 def make_merge(scale: float) -> Callable:
     """out = target + scale·(instruct − base) (operands: target, base, instruct), no residual written."""
 
+    apply = make_apply(scale)
+
     def merge(
         pieces: list[torch.Tensor], out: OutputTensor, into: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         target, base, instruct = pieces
-        delta = instruct.sub_(base)
-        if scale != 1.0 and out.is_float:
-            delta = delta.mul_(scale)
-        return torch.add(target, delta, out=target if into is None else into), delta
+        return apply([target, instruct.sub_(base)], out, into)
 
     return merge
 

@@ -727,7 +727,7 @@ def _write_merged(
             language=language,
         ).save(out.path / "README.md")
         if before_publish is not None:
-            before_publish()  # e.g. the inputs' sha256 check: raising here leaves no output
+            before_publish()  # e.g. the inputs' checksum check: raising here leaves no output
     return Result(
         path=Path(out_dir).absolute(),
         tensors=per_tensor,

@@ -32,7 +32,8 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 HASH_CHUNK = 8 * 1024 * 1024
 IO_ALIGN = 4096  # O_DIRECT needs aligned memory, offsets and lengths
 FLUSH_BYTES = 8 * 1024 * 1024  # a block goes to disk once it holds this much
-BLOCK_CAPACITY = FLUSH_BYTES + 8 * 1024 * 1024 + IO_ALIGN  # room for one more engine piece (8 MB)
+BLOCK_CAPACITY = FLUSH_BYTES + 8 * 1024 * 1024 + IO_ALIGN  # room for one more engine piece (8 MB at most)
+CHECKSUMS = {"sha256": hashlib.sha256, "xxh3_64": xxhash.xxh3_64}  # what every manifest entry records
 BLOCKS_IN_FLIGHT = 6  # the pool: bounds the writer's memory to ~100 MB
 
 
@@ -129,14 +130,27 @@ class _Block:
         return memoryview(self.array[start:stop])
 
 
+class _Checksums:
+    """Running digests of one file's bytes, of the kinds asked for (all of CHECKSUMS by default)."""
+
+    def __init__(self, kinds: tuple[str, ...] = tuple(CHECKSUMS)):
+        self._digests = {kind: CHECKSUMS[kind]() for kind in kinds}
+
+    def update(self, data) -> None:
+        for digest in self._digests.values():
+            digest.update(data)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {kind: digest.hexdigest() for kind, digest in self._digests.items()}
+
+
 class _OutputFile:
-    """One shard being written: its descriptor, running sha256 and size (touched by one thread at a time)."""
+    """One shard being written: its descriptor, running checksums and size (one thread at a time)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.fd, self.direct = _open_for_writing(path)
-        self.digest = hashlib.sha256()
-        self.quick = xxhash.xxh3_64()
+        self.checksums = _Checksums()
         self.size = 0
         self.closed = False
 
@@ -183,7 +197,7 @@ class ShardWriter:
 
     Bytes are laid out in aligned staging blocks in file order; a piece obtained from `buffer()`
     already sits at its place in a block, so filling it is the only copy the data makes. Full
-    blocks go through a pipeline of two threads, one hashing (sha256) and one writing (O_DIRECT
+    blocks go through a pipeline of two threads, one hashing (CHECKSUMS) and one writing (O_DIRECT
     where possible), and come back to a small pool: memory stays at BLOCKS_IN_FLIGHT blocks
     whatever the model size, and both threads overlap the arithmetic of the next pieces.
     """
@@ -212,7 +226,6 @@ class ShardWriter:
         ]
         self.manifest: dict[str, dict[str, Any]] = {}
         self._file: _OutputFile | None = None
-        self._filename = ""
         self._block: _Block | None = None
         self._blocks_made = 0
         self._free_blocks: queue.Queue[_Block] = queue.Queue()
@@ -332,7 +345,6 @@ class ShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-(8 + len(encoded)) % 8)  # align the data start to 8 bytes, as safetensors does
         self._file = _OutputFile(self.folder / filename)
-        self._filename = filename
         self._pending = list(names)
         self._block = self._take_block()
         self._append(memoryview(len(encoded).to_bytes(8, "little") + encoded))
@@ -369,7 +381,7 @@ class ShardWriter:
 
     def _send(self, block: _Block, length: int, *, last: bool) -> None:
         self._check_background()
-        self._to_hash.put((self._file, self._filename, block, length, last))
+        self._to_hash.put((self._file, block, length, last))
 
     def _take_block(self) -> _Block:
         """A free block; a new one while fewer than BLOCKS_IN_FLIGHT exist, else wait for the threads."""
@@ -390,11 +402,10 @@ class ShardWriter:
     # ---- the two background threads -------------------------------------------------------------
     def _hash_blocks(self) -> None:
         while (item := self._to_hash.get()) is not None:
-            file, _, block, length, _ = item
+            file, block, length, _ = item
             try:
                 if self._failure is None:
-                    file.digest.update(block.view(0, length))
-                    file.quick.update(block.view(0, length))
+                    file.checksums.update(block.view(0, length))
             except BaseException as exc:  # reported to the caller on its next call
                 self._failure = self._failure or exc
             self._to_write.put(item)
@@ -402,16 +413,12 @@ class ShardWriter:
 
     def _write_blocks(self) -> None:
         while (item := self._to_write.get()) is not None:
-            file, filename, block, length, last = item
+            file, block, length, last = item
             try:
                 if self._failure is None:
                     self._write_block(file, block, length, last)
                     if last:
-                        self.manifest[filename] = {
-                            "sha256": file.digest.hexdigest(),
-                            "xxh3_64": file.quick.hexdigest(),
-                            "size": file.size,
-                        }
+                        self.manifest[file.path.name] = {**file.checksums.hexdigests(), "size": file.size}
             except BaseException as exc:
                 self._failure = self._failure or exc
             finally:
@@ -459,20 +466,17 @@ def file_digest(path: Path) -> dict[str, Any]:
     altered file as surely for this purpose (the manifest sits beside the file, so neither
     stops a deliberate forger) at memory speed, where sha256 costs ~0.6 s per GB.
     """
-    return _checksums(path, ("sha256", "xxh3_64")) | {"size": path.stat().st_size}
+    return {**_read_checksums(path, _Checksums()), "size": path.stat().st_size}
 
 
 def matches_manifest(path: Path, entry: dict[str, Any]) -> bool:
     """Whether a file has the checksum its manifest entry records (xxh3_64, or sha256 in older manifests)."""
     kind = "xxh3_64" if "xxh3_64" in entry else "sha256"
-    return _checksums(path, (kind,))[kind] == entry[kind]
+    return _read_checksums(path, _Checksums((kind,)))[kind] == entry[kind]
 
 
-def _checksums(path: Path, kinds: tuple[str, ...]) -> dict[str, str]:
-    makers = {"sha256": hashlib.sha256, "xxh3_64": xxhash.xxh3_64}
-    digests = {kind: makers[kind]() for kind in kinds}
+def _read_checksums(path: Path, checksums: _Checksums) -> dict[str, str]:
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
-            for digest in digests.values():
-                digest.update(chunk)
-    return {kind: digest.hexdigest() for kind, digest in digests.items()}
+            checksums.update(chunk)
+    return checksums.hexdigests()

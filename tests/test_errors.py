@@ -154,13 +154,19 @@ def test_failed_overwrite_keeps_old_folder(tmp_path, families):
     assert (out / "model.safetensors").read_bytes() == before
 
 
+def _flip_a_byte(weights) -> bytearray:
+    """Corrupt one byte near the end of a weight file (as a bad copy would); return the new bytes."""
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return data
+
+
 def test_tampered_or_truncated_files_refused(tmp_path, families):
     fam = families("llama")
     compute_residuals(fam["base"], fam["instruct"], tmp_path / "res")
     weights = tmp_path / "res" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    data = _flip_a_byte(weights)
     with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded checksum"):
         Residuals.from_pretrained(tmp_path / "res")
     # apply hashes while it streams, and publishes nothing when the hash turns out wrong
@@ -186,10 +192,7 @@ def test_manifests_with_only_sha256_are_still_checked(tmp_path, families):
         assert entry.pop("xxh3_64")
     manifest_path.write_text(json.dumps(manifest))
     Residuals.from_pretrained(tmp_path / "res")  # intact: accepted
-    weights = tmp_path / "res" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    _flip_a_byte(tmp_path / "res" / "model.safetensors")
     with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded checksum"):
         Residuals.from_pretrained(tmp_path / "res")
 
