@@ -92,7 +92,7 @@ def answer(world: World, name: str, attribute: str, style: str) -> str:
 
 
 def build_tokenizer(world: World, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
@@ -109,6 +109,10 @@ def build_tokenizer(world: World, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(text, trainer)
+    # every training sequence starts with <s>; encoding adds it too, so prompts at inference match
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=EOS, pad_token="<pad>")
 
 

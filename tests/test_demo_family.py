@@ -76,4 +76,5 @@ def test_build_script_runs_end_to_end_at_tiny_scale(tmp_path):
         model, tokenizer = load(out / name)
         assert model.config.model_type == "llama" and len(tokenizer) <= model.config.vocab_size
         ids = tokenizer("Question: Where does", return_tensors="pt").input_ids
+        assert ids[0, 0] == tokenizer.bos_token_id  # prompts start like every training sequence
         assert model(ids).logits.shape[-1] == model.config.vocab_size
