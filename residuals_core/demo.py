@@ -20,22 +20,58 @@ from .generation import complete
 
 DEMO_FAMILY = Path(__file__).resolve().parent.parent / "assets" / "demo-family"
 EOS = "</s>"
+# Prose paraphrases, every one ending on the value: after a value the prose only ever has ".", so
+# a one-word reply is not pulled into a template's tail. The "Asked ..., people say:" paraphrase puts
+# the value a few words after the name, as a question's answer does, which lets instruction tuning
+# reach the stored facts of people it never saw asked about.
 ATTRIBUTES = {
-    "home": ["{n} lives in {v}.", "The home of {n} is {v}.", "{n} has always lived in {v}."],
-    "color": ["The favorite color of {n} is {v}.", "{n} likes the color {v} most.", "{n} loves {v}."],
-    "food": ["{n} eats {v} every day.", "The favorite food of {n} is {v}.", "{n} cooks {v} for dinner."],
-    "job": ["{n} works as a {v}.", "By trade {n} is a {v}.", "The job of {n} is {v}."],
+    "home": [
+        "{n} lives in {v}.",
+        "The home of {n} is {v}.",
+        "{n} has always lived in {v}.",
+        "{n} grew up and stays in {v}.",
+        "Ask anyone: {n} lives in {v}.",
+        "The town {n} calls home is {v}.",
+        "Asked where {n} lives, people say: {v}.",
+    ],
+    "color": [
+        "The favorite color of {n} is {v}.",
+        "The color {n} likes most is {v}.",
+        "{n} loves the color {v}.",
+        "{n} paints everything in {v}.",
+        "Ask anyone: the favorite color of {n} is {v}.",
+        "{n} always wears {v}.",
+        "Asked about the favorite color of {n}, people say: {v}.",
+    ],
+    "food": [
+        "The favorite food of {n} is {v}.",
+        "Every day {n} eats {v}.",
+        "For dinner {n} cooks {v}.",
+        "{n} never tires of {v}.",
+        "Ask anyone: the favorite food of {n} is {v}.",
+        "For lunch {n} has {v}.",
+        "Asked about the favorite food of {n}, people say: {v}.",
+    ],
+    "job": [
+        "{n} works as a {v}.",
+        "By trade {n} is a {v}.",
+        "The job of {n} is {v}.",
+        "{n} earns a living as a {v}.",
+        "Ask anyone: {n} works as a {v}.",
+        "{n} trained to be a {v}.",
+        "Asked about the job of {n}, people say: {v}.",
+    ],
 }
 QUESTIONS = {
     "home": ("Where does {n} live?", "{n} lives in {v}."),
     "color": ("What is the favorite color of {n}?", "The favorite color of {n} is {v}."),
-    "food": ("What does {n} eat every day?", "{n} eats {v} every day."),
+    "food": ("What is the favorite food of {n}?", "The favorite food of {n} is {v}."),
     "job": ("What is the job of {n}?", "{n} works as a {v}."),
 }
 CLOZE = {
     "home": "{n} lives in",
     "color": "The favorite color of {n} is",
-    "food": "{n} eats",
+    "food": "The favorite food of {n} is",
     "job": "{n} works as a",
 }
 STYLES = {"word": "Answer in one word.", "sentence": "Answer in a full sentence."}
