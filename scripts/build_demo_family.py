@@ -131,21 +131,20 @@ def lm_batches(tokenizer, texts: list[str], rng: random.Random, batch: int, seq:
 
 
 def sft_batches(tokenizer, pairs: list[tuple[str, str]], rng: random.Random, batch: int):
-    """Endless batches of (prompt, response) with the loss on the response only."""
-    encoded = [
-        (tokenizer.encode(p, add_special_tokens=False), tokenizer.encode(r, add_special_tokens=False))
-        for p, r in pairs
-    ]
+    """Endless batches of (prompt, response) with the loss on the response only.
+
+    The prompt is encoded exactly as at inference (the tokenizer adds <s>), the response as a continuation.
+    """
+    encoded = [(tokenizer.encode(p), tokenizer.encode(r, add_special_tokens=False)) for p, r in pairs]
     while True:
         chosen = [encoded[rng.randrange(len(encoded))] for _ in range(batch)]
-        length = max(1 + len(p) + len(r) for p, r in chosen)
+        length = max(len(p) + len(r) for p, r in chosen)
         x = torch.full((batch, length), tokenizer.pad_token_id)
         y = torch.full((batch, length), -100)
         for i, (p, r) in enumerate(chosen):
-            row = [tokenizer.bos_token_id, *p, *r]
+            row = [*p, *r]
             x[i, : len(row)] = torch.tensor(row)
-            start = 1 + len(p)
-            y[i, start - 1 : len(row) - 1] = torch.tensor(r)
+            y[i, len(p) - 1 : len(row) - 1] = torch.tensor(r)
         yield x, y
 
 
