@@ -2,9 +2,9 @@
 
 Every operation first builds a plan from headers alone (names, shapes, dtypes, vocabulary rows),
 which is where incompatible inputs are rejected in seconds. Executing the plan then reads each
-output tensor's rows in pieces of at most `piece_bytes` (float32) from every input, pads
-vocabulary rows an input lacks with zeros, combines, checks the result is finite, collects
-norms, and hands the piece to a sink (a shard writer or an in-memory dict).
+output tensor in flat element ranges of at most `piece_bytes` (float32) from every input, pads
+vocabulary rows an input lacks with zeros (a zero tail in flat order), combines, checks the
+result is finite, collects norms, and hands the piece to a sink (a shard writer or a dict).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TensorInfo, TensorSource, iter_row_ranges
+from .checkpoint import TensorInfo, TensorSource, element_ranges
 from .errors import ResidualsError
 
 # float32 bytes per piece. On the CPU, 2 MB pieces keep a piece's buffers in cache between the
@@ -223,32 +223,46 @@ class _Buffers:
         return buffer[:count]
 
 
-def _read_rows(
-    operand: tuple[TensorSource, str],
-    start: int,
-    stop: int,
-    row_numel: int,
-    buffer: torch.Tensor | None,
+def _read_elements(
+    operand: tuple[TensorSource, str], start: int, stop: int, buffer: torch.Tensor | None
 ) -> torch.Tensor:
-    """Rows [start, stop) of an operand (into `buffer` when the source can), zero rows past its end."""
+    """Elements [start, stop) of an operand (into `buffer` when the source can), zeros past its end.
+
+    An input with fewer vocabulary rows than the result ends earlier in flat order: its missing
+    rows are exactly the zero tail.
+    """
     source, name = operand
-    info = source.tensors[name]
-    have = min(stop, info.row_count) - start
+    have = min(stop, source.tensors[name].numel) - start
     if have >= stop - start:
-        return source.read_rows(name, start, stop, out=buffer)
-    piece = torch.zeros((stop - start) * row_numel, dtype=info.dtype)  # vocabulary padding: rare
+        return source.read_elements(name, start, stop, out=buffer)
+    piece = torch.zeros(stop - start, dtype=source.tensors[name].dtype)  # vocabulary padding: rare
     if have > 0:
-        piece[: have * row_numel] = source.read_rows(name, start, start + have)
+        piece[:have] = source.read_elements(name, start, start + have)
     return piece
 
 
 def _non_finite_inputs(out: OutputTensor, start: int, stop: int) -> list[str]:
-    """Which inputs hold NaN/Inf in these rows (re-read: the work buffers were overwritten)."""
+    """Which inputs hold NaN/Inf in these elements (re-read: the work buffers were overwritten)."""
     return [
         source.label
         for source, name in out.operands
-        if not torch.isfinite(_read_rows((source, name), start, stop, out.info.row_numel, None)).all()
+        if not torch.isfinite(_read_elements((source, name), start, stop, None)).all()
     ]
+
+
+def reading_order(plan: Plan) -> Plan:
+    """The plan with tensors in the order their bytes lie in the inputs' files.
+
+    Hub inputs are read as one sequential stream per file; following the first streamed
+    input's layout (usually every input's: one family saves alike) keeps every stream moving
+    forward. Local folders follow the first input's layout, which suits the page cache.
+    """
+    if not plan.outputs:
+        return plan
+    operands = plan.outputs[0].operands
+    lead = next((i for i, (s, _) in enumerate(operands) if getattr(s, "remote", False)), 0)
+    ordered = sorted(plan.outputs, key=lambda o: o.operands[lead][0].position(o.operands[lead][1]))
+    return Plan(ordered, plan.vocab_rows, plan.notes)
 
 
 def execute(
@@ -291,9 +305,8 @@ def execute(
             info = out.info
             st = stats[out.name] = TensorStats(numel=info.numel)
             work_dtype = torch.float32 if out.is_float else torch.int64
-            ranges = [(0, 0)] if info.numel == 0 else iter_row_ranges(info, info.row_count, piece_bytes)
-            for start, stop in ranges:
-                count = (stop - start) * info.row_numel
+            for start, stop in element_ranges(info.numel, piece_bytes):
+                count = stop - start
                 raw: list[torch.Tensor] = []
                 work: list[torch.Tensor] = []
                 for slot, operand in enumerate(out.operands):
@@ -303,7 +316,7 @@ def execute(
                     # input as read afterwards; otherwise read, then convert in one copy
                     direct = in_dtype == work_dtype and device == cpu and check_reconstruction is None
                     read_buffer = work_buffer if direct else buffers.get(("read", slot), in_dtype, count, cpu)
-                    piece = _read_rows(operand, start, stop, info.row_numel, read_buffer)
+                    piece = _read_elements(operand, start, stop, read_buffer)
                     raw.append(piece)
                     work.append(
                         piece if piece.data_ptr() == work_buffer.data_ptr() else work_buffer.copy_(piece)

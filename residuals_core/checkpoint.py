@@ -1,11 +1,11 @@
-"""Header-only views of checkpoints, and tensor reads one piece at a time.
+"""The index of a checkpoint: which file holds which tensor, from headers alone, local or on the Hub.
 
-A `Checkpoint` learns every tensor's name, dtype, shape and byte range from the safetensors
-headers alone (a few kilobytes per file), so compatibility checks run before any weight is read.
-Tensors are then read with plain positioned file reads into small buffers rather than through
-mmap: mapped pages of a multi-gigabyte file count towards a process's resident memory, plain
-reads don't. `StateDictSource` gives an in-memory state dict the same interface, so one engine
-serves files and model instances alike.
+One rule decides which files hold the weights (`select_weight_files`: the index's `weight_map`,
+else `model.safetensors`, else every `*.safetensors`), for a folder and for a Hub repo alike.
+Headers are parsed and validated by one function (`parse_header`) whichever reader fetched them,
+so compatibility checks run in seconds before any weight is read. A `Checkpoint` then reads flat
+element ranges of any tensor through its files' byte readers (`sources`); `StateDictSource`
+gives an in-memory state dict the same interface, so one engine serves files and instances.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import ResidualsError
+from .sources import DEFAULT_READ_AHEAD_BYTES, ByteReader, HubFile, HubLocation, LocalFile
 
 # safetensors dtype codes <-> torch dtypes
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -40,8 +41,10 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
+INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+HEADER_PROBE_BYTES = 256 * 1024  # one ranged read usually holds a Hub file's whole header
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
@@ -77,12 +80,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives and what it is; `file` is None for in-memory tensors."""
+    """Where one tensor lives and what it is; `file` (a file name of its checkpoint) is None in memory."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: Path | None = None
+    file: str | None = None
     offset: int = 0  # absolute byte offset of the data in `file`
 
     @property
@@ -93,81 +96,145 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    @property
-    def row_count(self) -> int:
-        return self.shape[0] if self.shape else 1
 
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
+# ---- the one rule for weight files ---------------------------------------------------------------------
+def select_weight_files(
+    listing: list[str], read_index: Callable[[], dict], label: str, *, allow_pickle: bool = False
+) -> list[str]:
+    """The files a loader reads: the index's `weight_map` shards, else model.safetensors, else all.
 
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse one safetensors header; refuse truncated or corrupt files with the file's name."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
+    `listing` holds the top-level file names (of a folder or a Hub repo); `read_index` returns
+    the parsed index when there is one. Pickles only with `allow_pickle`.
+    """
+    names = set(listing)
+    if INDEX_NAME in names:
+        weight_map = read_index().get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
             raise ResidualsError(
-                f"{path} is not a valid safetensors file (only {size} bytes).",
-                "The file is truncated: download or copy it again.",
+                f"{label}: {INDEX_NAME} has no weight_map.", "Download or copy the checkpoint again."
             )
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if s not in names]
+        if missing:
             raise ResidualsError(
-                f"{path} is not a valid safetensors file (header length {header_len} does not fit in {size} bytes).",
-                "The file is truncated or not safetensors: download or copy it again.",
+                f"{label}: shard(s) {missing[:3]} listed in {INDEX_NAME} are missing.",
+                "Download or copy the whole checkpoint again.",
             )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ResidualsError(
-                f"{path} has an unreadable safetensors header ({exc}).", "Download or copy the file again."
-            ) from exc
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
+        return shards
+    if "model.safetensors" in names:
+        return ["model.safetensors"]
+    found = sorted(n for n in names if n.endswith(".safetensors") and not n.startswith("."))
+    if found:
+        return found
+    pickles = sorted(
+        n for n in names if n.endswith(PICKLE_SUFFIXES) and "optimizer" not in n and "training_args" not in n
+    )
+    if pickles and allow_pickle:
+        return pickles
+    if pickles:
+        raise ResidualsError(
+            f"{label} holds only pickle checkpoints ({', '.join(pickles[:3])}), no .safetensors.",
+            "Loading a pickle can run arbitrary code. Convert it to safetensors (e.g. load it in transformers "
+            "and call save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True "
+            "(--allow-pickle) if you trust its source.",
+        )
+    raise ResidualsError(
+        f"{label} contains no model weights (no .safetensors files).",
+        "Point at the folder or repo that holds model.safetensors (or its shards and model.safetensors.index.json).",
+    )
+
+
+# ---- headers ----------------------------------------------------------------------------------------
+def header_length(prefix: bytes, file_size: int, label: str) -> int:
+    if len(prefix) < 8 or file_size < 8:
+        raise ResidualsError(
+            f"{label} is not a valid safetensors file (only {file_size} bytes).",
+            "The file is truncated: download or copy it again.",
+        )
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+        raise ResidualsError(
+            f"{label} is not a valid safetensors file (header length {length} does not fit in {file_size} bytes).",
+            "The file is truncated or not safetensors: download or copy it again.",
+        )
+    return length
+
+
+def parse_header(raw: bytes, file_size: int, label: str, file: str) -> dict[str, TensorInfo]:
+    """Tensors of one safetensors file from its header bytes; refuse truncated or corrupt files."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResidualsError(
+            f"{label} has an unreadable safetensors header ({exc}).", "Download or copy the file again."
+        ) from exc
+    header.pop("__metadata__", None)
+    data_start = 8 + len(raw)
     tensors: dict[str, TensorInfo] = {}
     end_max = 0
     for name, entry in header.items():
         code = entry.get("dtype")
         if code not in SAFETENSORS_DTYPES:
             raise ResidualsError(
-                f"{path}: tensor {name!r} has dtype {code!r}, which this tool does not handle.",
+                f"{label}: tensor {name!r} has dtype {code!r}, which this tool does not handle.",
                 "Convert the checkpoint to float32/bfloat16/float16 safetensors first.",
             )
         begin, end = entry["data_offsets"]
-        info = TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(entry["shape"]), path, data_start + begin)
+        info = TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(entry["shape"]), file, data_start + begin)
         if end - begin != info.nbytes:
             raise ResidualsError(
-                f"{path}: tensor {name!r} claims {end - begin} bytes but its shape and dtype need {info.nbytes}.",
+                f"{label}: tensor {name!r} claims {end - begin} bytes but its shape and dtype need {info.nbytes}.",
                 "The file is corrupt: download or copy it again.",
             )
         end_max = max(end_max, end)
         tensors[name] = info
-    if data_start + end_max > size:
+    if data_start + end_max > file_size:
         raise ResidualsError(
-            f"{path} is truncated: its header describes {data_start + end_max} bytes but the file has {size}.",
+            f"{label} is truncated: its header describes {data_start + end_max} bytes but the file has {file_size}.",
             "Download or copy the file again (an interrupted download or copy leaves such files).",
         )
-    return tensors, metadata
+    return tensors
 
 
+def read_header(reader: ByteReader, file: str) -> dict[str, TensorInfo]:
+    """A file's tensors, read through its reader (a local file, or a few ranged reads of a Hub file)."""
+    probe = min(reader.size, HEADER_PROBE_BYTES)
+    fetch = reader.read_range if isinstance(reader, HubFile) else reader.read_bytes
+    prefix = fetch(0, probe) if probe else b""
+    length = header_length(prefix, reader.size, reader.label)
+    raw = prefix[8 : 8 + length]
+    if len(raw) < length:
+        raw += fetch(len(prefix), 8 + length - len(prefix))
+    return parse_header(raw, reader.size, reader.label, file)
+
+
+# ---- sources ----------------------------------------------------------------------------------------
 class TensorSource:
-    """Anything that can list tensors and read row ranges of them."""
+    """Anything that can list tensors and read flat element ranges of them."""
 
     tensors: dict[str, TensorInfo]
     label: str
     vocab_size: int | None = None  # the model's vocabulary rows, when known (config or instance)
 
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_elements(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements [start, stop) of a tensor in its flat (row-major) order, into `out` when given."""
         raise NotImplementedError
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
-        return self.read_rows(name, 0, info.row_count).reshape(info.shape)
+        return self.read_elements(name, 0, info.numel).reshape(info.shape)
+
+    def position(self, name: str) -> tuple[int, int]:
+        """Sort key of a tensor's bytes (file, offset): the engine reads in this order."""
+        return (0, 0)
+
+    def finish(self) -> None:
+        """Check everything read (Hub files: sha256); before anything is published."""
 
     def close(self) -> None:
-        """Release open files; sources are reusable after close."""
+        """Release open files and streams; sources are reusable after close."""
 
     def __enter__(self):
         return self
@@ -177,48 +244,88 @@ class TensorSource:
 
 
 class Checkpoint(TensorSource):
-    """A checkpoint folder (single file or sharded index) seen through its headers."""
+    """A checkpoint (a folder, or a Hub repo at one commit) seen through its headers.
 
-    def __init__(self, folder: Path, tensors: dict[str, TensorInfo], files: list[Path], config: dict | None):
+    `folder` holds its small files (config, tokenizer, card): the folder itself, or for a Hub
+    repo a cache folder with only those; `readers` read the weight files' bytes.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        folder: Path,
+        readers: dict[str, ByteReader],
+        config: dict | None,
+        *,
+        weight_map: dict[str, str] | None = None,
+        remote: bool = False,
+    ):
+        self.label = label
         self.folder = folder
-        self.tensors = tensors
-        self.files = files
+        self.readers = readers
         self.config = config
-        self.label = str(folder)
-        self._handles: dict[Path, Any] = {}
+        self.remote = remote
+        self._order = {name: i for i, name in enumerate(readers)}
+        self.tensors: dict[str, TensorInfo] = {}
+        for file, reader in readers.items():
+            for name, info in read_header(reader, file).items():
+                if name in self.tensors:
+                    raise ResidualsError(
+                        f"{label}: tensor {name!r} appears in both {self.tensors[name].file} and {file}.",
+                        "The checkpoint is inconsistent: remove the stray file.",
+                    )
+                self.tensors[name] = info
+        if weight_map is not None:
+            missing = sorted(
+                n for n, f in weight_map.items() if n not in self.tensors or self.tensors[n].file != f
+            )
+            if missing:
+                raise ResidualsError(
+                    f"{label}: {INDEX_NAME} lists tensors that their shard does not contain, e.g. {missing[:3]}.",
+                    "A shard is missing or truncated: download or copy the checkpoint again.",
+                )
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+        """A local folder by the one weight-file rule."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ResidualsError(
                 f"{folder} is not a folder.", "Give the folder that holds the model's .safetensors files."
             )
-        files = weight_files(folder, allow_pickle=allow_pickle)
+        listing = [p.name for p in folder.iterdir() if p.is_file()]
+        files = select_weight_files(
+            listing, lambda: read_json(folder / INDEX_NAME), str(folder), allow_pickle=allow_pickle
+        )
         config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-        if files[0].suffix != ".safetensors":
-            return PickleCheckpoint(folder, files, config)
-        tensors: dict[str, TensorInfo] = {}
-        for file in files:
-            file_tensors, _ = read_safetensors_header(file)
-            for name, info in file_tensors.items():
-                if name in tensors:
-                    raise ResidualsError(
-                        f"{folder}: tensor {name!r} appears in both {tensors[name].file.name} and {file.name}.",
-                        "The checkpoint is inconsistent: remove the stray file.",
-                    )
-                tensors[name] = info
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            listed = set(read_json(index).get("weight_map", {}))
-            missing = sorted(listed - set(tensors))
-            if missing:
-                raise ResidualsError(
-                    f"{folder}: the index lists tensors that no shard contains, e.g. {missing[:3]}.",
-                    "A shard is missing or truncated: download or copy the checkpoint again.",
-                )
-        return cls(folder, tensors, files, config)
+        if not files[0].endswith(".safetensors"):
+            return PickleCheckpoint(str(folder), folder, [folder / f for f in files], config)
+        weight_map = read_json(folder / INDEX_NAME)["weight_map"] if INDEX_NAME in listing else None
+        return cls(
+            str(folder), folder, {f: LocalFile(folder / f) for f in files}, config, weight_map=weight_map
+        )
+
+    @classmethod
+    def open_hub(
+        cls,
+        label: str,
+        small_files: Path,
+        locations: list[HubLocation],
+        config: dict | None,
+        *,
+        read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
+    ) -> Checkpoint:
+        """A Hub repo at one commit: headers by ranged reads now, weights streamed when read."""
+        index = small_files / INDEX_NAME
+        return cls(
+            label,
+            small_files,
+            {loc.filename: HubFile(loc, read_ahead_bytes=read_ahead_bytes) for loc in locations},
+            config,
+            weight_map=read_json(index)["weight_map"] if index.is_file() else None,
+            remote=True,
+        )
 
     # ---- facts from the headers ----------------------------------------------------------
     @property
@@ -237,84 +344,55 @@ class Checkpoint(TensorSource):
         return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
 
     # ---- reading ---------------------------------------------------------------------------
-    def _handle(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (kept open across reads)
-        return handle
-
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read rows [start, stop) of a tensor as a flat tensor, into `out` when given (a reused buffer)."""
+    def position(self, name: str) -> tuple[int, int]:
         info = self.tensors[name]
-        count = (stop - start) * info.row_numel
+        return (self._order[info.file], info.offset)
+
+    def read_elements(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        info = self.tensors[name]
+        count = stop - start
         out = torch.empty(count, dtype=info.dtype) if out is None else out[:count]
-        if count == 0:
-            return out
-        view = memoryview(out.view(torch.uint8).numpy())
-        position = info.offset + start * info.row_numel * info.dtype.itemsize
-        handle = self._handle(info.file)
-        done = 0
-        while done < len(view):
-            got = os.preadv(handle.fileno(), [view[done:]], position + done)
-            if got == 0:
-                raise ResidualsError(
-                    f"{info.file} ended early while reading {name!r}.",
-                    "The file is truncated: download or copy it again.",
-                )
-            done += got
+        if count > 0:
+            view = memoryview(out.view(torch.uint8).numpy())
+            self.readers[info.file].read_into(info.offset + start * info.dtype.itemsize, view)
         return out
 
+    def finish(self) -> None:
+        for reader in self.readers.values():
+            reader.finish()
+
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
-
-
-class RemoteCheckpoint(Checkpoint):
-    """A Hub model seen through its safetensors headers (ranged reads) before any weight is downloaded.
-
-    Plans and compatibility checks run on it; `fetch()` then downloads the weights and returns
-    the local `Checkpoint` to read from.
-    """
-
-    def __init__(self, preview, config: dict | None):
-        tensors = {
-            name: TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(shape), None, begin)
-            for name, (code, shape, (begin, _end)) in preview.headers.items()
-            if code in SAFETENSORS_DTYPES
-        }
-        super().__init__(preview.folder, tensors, [], config)
-        self.preview = preview
-        self.label = preview.repo_id
-
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        raise RuntimeError(f"{self.label}: weights not downloaded yet; call fetch() first")
-
-    def fetch(self, *, token: str | None = None, cache_dir=None, allow_pickle: bool = False) -> Checkpoint:
-        from .hub import download_weights
-
-        folder = download_weights(self.preview, token=token, cache_dir=cache_dir)
-        local = Checkpoint.open(folder, allow_pickle=allow_pickle)
-        local.label = self.label
-        return local
+        for reader in self.readers.values():
+            reader.close()
 
 
 class PickleCheckpoint(Checkpoint):
     """A `.bin`/`.pt` checkpoint the caller explicitly allowed; loaded with weights_only and mmap."""
 
-    def __init__(self, folder: Path, files: list[Path], config: dict | None):
+    def __init__(self, label: str, folder: Path, files: list[Path], config: dict | None):
+        self.label = label
+        self.folder = folder
+        self.readers = {}
+        self.config = config
+        self.remote = False
         self._state: dict[str, torch.Tensor] = {}
         for file in files:
             self._state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
-        tensors = {
-            name: TensorInfo(name, t.dtype, tuple(t.shape), file=None)
+        self.tensors = {
+            name: TensorInfo(name, t.dtype, tuple(t.shape))
             for name, t in self._state.items()
             if isinstance(t, torch.Tensor)
         }
-        super().__init__(folder, tensors, files, config)
 
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _rows_of(self._state[name], start, stop)
+    def position(self, name: str) -> tuple[int, int]:
+        return (0, 0)
+
+    def read_elements(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return _elements_of(self._state[name], start, stop)
 
 
 class StateDictSource(TensorSource):
@@ -346,18 +424,17 @@ class StateDictSource(TensorSource):
             self._state[name] = tensor
         self.tensors = {n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in self._state.items()}
 
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _rows_of(self._state[name], start, stop)
+    def read_elements(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return _elements_of(self._state[name], start, stop)
 
 
-def _rows_of(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    tensor = tensor.detach()
-    if tensor.dim() == 0:
-        return tensor.reshape(1).cpu()
-    return tensor[start:stop].reshape(-1).cpu()
+def _elements_of(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return tensor.detach().reshape(-1)[start:stop].cpu()
 
 
-# ---- folder helpers ---------------------------------------------------------------------------
+# ---- helpers ------------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -366,43 +443,39 @@ def read_json(path: Path) -> dict:
         raise ResidualsError(f"{path} is not valid JSON ({exc}).", "Fix or replace the file.") from exc
 
 
-def weight_files(folder: Path, *, allow_pickle: bool = False) -> list[Path]:
-    """The checkpoint's weight files: the index's shards, else model.safetensors, else any *.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise ResidualsError(
-                f"{folder}: shard(s) {missing[:3]} listed in model.safetensors.index.json are missing.",
-                "Download or copy the whole checkpoint again.",
-            )
-        return [folder / s for s in shards]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    found = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
-    if found:
-        return found
-    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    pickles = [p for p in pickles if "optimizer" not in p.name and "training_args" not in p.name]
-    if pickles and allow_pickle:
-        return pickles
-    if pickles:
-        raise ResidualsError(
-            f"{folder} holds only pickle checkpoints ({', '.join(p.name for p in pickles[:3])}), no .safetensors.",
-            "Loading a pickle can run arbitrary code. Convert it to safetensors (e.g. load it in transformers "
-            "and call save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True "
-            "(--allow-pickle) if you trust its source.",
-        )
-    raise ResidualsError(
-        f"{folder} contains no model weights (no .safetensors files).",
-        "Point at the folder that holds model.safetensors (or its shards and model.safetensors.index.json).",
+def element_ranges(numel: int, max_piece_bytes: int) -> Iterator[tuple[int, int]]:
+    """Split a tensor's elements [0, numel) into pieces of at most `max_piece_bytes` in float32.
+
+    Flat ranges, whatever the tensor's shape: a fused 3-D expert tensor or a single giant row
+    streams in pieces as small as any other (vocabulary padding is a zero tail in flat order).
+    """
+    step = max(1, max_piece_bytes // 4)
+    for start in range(0, max(numel, 1), step):
+        yield start, min(start + step, numel)
+
+
+def hub_weight_locations(
+    repo_id: str,
+    commit: str,
+    siblings: list[Any],
+    small_files: Path,
+    token: str | None,
+    *,
+    allow_pickle: bool = False,
+) -> list[HubLocation]:
+    """The Hub repo's weight files by the one rule, with the sizes and sha256 the Hub records."""
+    by_name = {s.rfilename: s for s in siblings if "/" not in s.rfilename}
+    files = select_weight_files(
+        list(by_name), lambda: read_json(small_files / INDEX_NAME), repo_id, allow_pickle=allow_pickle
     )
-
-
-def iter_row_ranges(info: TensorInfo, rows_total: int, max_piece_bytes: int) -> Iterator[tuple[int, int]]:
-    """Split rows [0, rows_total) into ranges of at most `max_piece_bytes` in float32."""
-    row_bytes = max(1, info.row_numel * 4)
-    step = max(1, max_piece_bytes // row_bytes)
-    for start in range(0, max(rows_total, 1), step):
-        yield start, min(start + step, max(rows_total, 1))
+    return [
+        HubLocation(
+            repo_id,
+            commit,
+            f,
+            by_name[f].size if by_name[f].size is not None else by_name[f].lfs.size,
+            by_name[f].lfs.sha256 if by_name[f].lfs else None,
+            token,
+        )
+        for f in files
+    ]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from tqdm.auto import tqdm
 
 from . import __version__, operations
 from .errors import ResidualsError
+from .options import Options
 
 EPILOG = """examples:
   # 1. residuals of an instruct model over its base (float32: exact reconstruction)
@@ -20,6 +20,8 @@ EPILOG = """examples:
   python -m residuals_core apply --residuals ./llama3-residuals --model ./my-cpt-base --out ./my-cpt-instruct
   # or both at once, without writing residuals
   python -m residuals_core merge --base B --instruct I --target ./my-cpt-base --out ./my-cpt-instruct
+  # Hub ids in, a Hub repo out: nothing of the inputs is stored, local disk holds ~2 shards
+  python -m residuals_core merge --base ORG/A --instruct ORG/B --target ORG/C --push-to ME/OUT --private
   # 3. look at per-layer norms
   python -m residuals_core inspect ./llama3-residuals
 """
@@ -46,16 +48,27 @@ class _TqdmProgress:
 
 def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     if out:
-        p.add_argument(
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument(
             "--out",
-            required=True,
             help="output folder (written atomically; must not exist unless --overwrite)",
         )
+        where.add_argument(
+            "--push-to",
+            metavar="REPO_ID",
+            help="write straight into this Hub repo instead of a folder: each shard is uploaded as soon as "
+            "it is written and deleted locally, one commit adds everything at the end (all or nothing). "
+            "Local disk used: about two shards (see --max-shard-size) plus small files, whatever the model size",
+        )
+        p.add_argument("--private", action="store_true", help="with --push-to: create the repo private")
         p.add_argument(
             "--overwrite", action="store_true", help="replace --out once the new folder is complete"
         )
         p.add_argument(
-            "--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB or 500MB (default 5GB)"
+            "--max-shard-size",
+            default="5GB",
+            help="largest weight file, e.g. 5GB or 500MB (default 5GB); with --push-to the run needs about "
+            "twice this much free local disk (TMPDIR)",
         )
         p.add_argument("--device", default="cpu", help="where to do the arithmetic: cpu (default) or cuda")
         p.add_argument(
@@ -156,11 +169,23 @@ def _print_table(report: dict) -> None:
         print(f"  {row['layer']:>10}  {row['norm']:>12.6g}  {r:>10}")
 
 
+def _options(args: argparse.Namespace, progress: _TqdmProgress) -> Options:
+    return Options(
+        device=args.device,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        fsync=args.fsync,
+        token=args.token,
+        allow_pickle=args.allow_pickle,
+        push_to=args.push_to,
+        private=args.private,
+        progress=progress,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = _TqdmProgress(args.command, enabled=not args.quiet)
-    if getattr(args, "fsync", False):
-        os.environ["RESIDUALS_FSYNC"] = "1"  # read by the writer: one switch for every output
     try:
         if args.command == "inspect":
             report = operations.inspect_residuals(args.path, token=args.token)
@@ -169,15 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print_table(report)
             return 0
-        common = dict(
-            overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size,
-            device=args.device,
-            token=args.token,
-            normalize_embeddings=args.normalize_embeddings,
-            allow_pickle=args.allow_pickle,
-            progress=progress,
-        )
+        common = dict(normalize_embeddings=args.normalize_embeddings, options=_options(args, progress))
         if args.command == "compute":
             result = operations.compute_residuals(
                 args.base,
@@ -190,17 +207,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             recon = result.reconstruction or {}
             exact = "exact" if recon.get("exact") else f"{recon.get('mismatched_elements')} elements off"
-            print(f"residuals written to {result.path} (reconstruction check: {exact})")
+            print(f"residuals written to {result.location} (reconstruction check: {exact})")
         elif args.command == "apply":
             result = operations.apply_residuals(
                 args.residuals, args.model, args.out, scale=args.scale, dtype=args.dtype, **common
             )
-            print(f"model written to {result.path}")
+            print(f"model written to {result.location}")
         else:
             result = operations.merge_models(
                 args.base, args.instruct, args.target, args.out, scale=args.scale, dtype=args.dtype, **common
             )
-            print(f"merged model written to {result.path}")
+            print(f"merged model written to {result.location}")
         for note in result.notes:
             print(f"note: {note}")
         print(f"total ‖delta‖ = {result.summary.get('total_norm', 0.0):.6g}")

@@ -1,8 +1,9 @@
-"""The Hugging Face Hub: resolving model ids to local folders, and pushing folders.
+"""The Hugging Face Hub: opening model ids for streaming, and pushing finished folders.
 
-Downloads fetch only what the engine reads (safetensors weights and index, configs, tokenizer
-files), never pickled weights unless the caller opted in. Pushes refuse namespaces the token
-cannot write, and remove a repo they created if the upload then fails, so no empty repo is left.
+Opening a model fetches only its small files (config, tokenizer, index, card) and reads the
+safetensors headers by range; the weights are streamed later by `sources.HubFile`, never stored.
+Pushes refuse namespaces the token cannot write, and remove a repo they created if the upload
+then fails, so no empty repo is left.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import Checkpoint, PickleCheckpoint, hub_weight_locations, read_json
 from .errors import ResidualsError
+from .sources import DEFAULT_READ_AHEAD_BYTES
 
 HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 META_PATTERNS = [
@@ -30,6 +32,7 @@ META_PATTERNS = [
     "*.tiktoken",
     "chat_template.*",
     "README.md",
+    "model.safetensors.index.json",
 ]
 
 
@@ -56,7 +59,7 @@ def _check_local_name(name: str) -> None:
 
 
 @contextmanager
-def _hub_errors(repo_id: str, revision: str | None):
+def hub_errors(repo_id: str, revision: str | None):
     """Turn huggingface_hub's exceptions into messages that say what to do."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -83,14 +86,14 @@ def _hub_errors(repo_id: str, revision: str | None):
         raise ResidualsError(
             f"Revision {revision!r} of {repo_id} does not exist.", "Use an existing branch, tag or commit."
         ) from exc
+    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: caught first
+        raise ResidualsError(
+            f"Could not read {repo_id}: the Hub is unreachable and it is not in the local cache.",
+            "Check your network connection (or HF_HUB_OFFLINE / HF_ENDPOINT), or give a local folder.",
+        ) from exc
     except EntryNotFoundError as exc:
         raise ResidualsError(
             f"{repo_id}: a file it lists could not be found ({exc}).", "Try again later."
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise ResidualsError(
-            f"Could not download {repo_id}: the Hub is unreachable and it is not in the local cache.",
-            "Check your network connection (or HF_HUB_OFFLINE / HF_ENDPOINT), or give a local folder.",
         ) from exc
     except HfHubHTTPError as exc:
         raise ResidualsError(
@@ -110,87 +113,46 @@ def _hub_errors(repo_id: str, revision: str | None):
         ) from exc
 
 
-@dataclass
-class RemotePreview:
-    """What the Hub says about a model before any weight is downloaded."""
-
-    repo_id: str
-    commit: str
-    folder: Path  # snapshot folder holding config, tokenizer and card (weights come later)
-    weight_files: list[str]
-    headers: dict[str, tuple[str, list[int], tuple[int, int]]]  # name -> (dtype code, shape, offsets)
-    pickle: bool = False
-
-
-def preview_remote(
+def open_hub_model(
     repo_id: str,
     *,
     revision: str | None = None,
     token: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     allow_pickle: bool = False,
-) -> RemotePreview:
-    """Small files and safetensors headers only (ranged reads): enough to validate before downloading."""
-    from huggingface_hub import HfApi, snapshot_download
+    read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
+) -> Checkpoint:
+    """A Hub model at one commit: small files fetched, headers by ranged reads, weights streamed later.
+
+    Only config, tokenizer, index and card files land in `cache_dir`; weight files are read as
+    they stream (sha256 checked). Pickled weights (only with `allow_pickle`) have no header to
+    read remotely and cannot be streamed, so they are downloaded.
+    """
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     repo_id = repo_id.removeprefix("hf://")
     api = HfApi(token=token)
-    with _hub_errors(repo_id, revision):
-        info = api.model_info(repo_id, revision=revision)
-        files = [s.rfilename for s in info.siblings or []]
+    with hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
         commit = info.sha
-        weights = _weight_files(files)
-        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth")) and "/" not in f]
-        if not weights and pickles and not allow_pickle:
-            raise ResidualsError(
-                f"{repo_id} holds only pickle checkpoints ({', '.join(pickles[:3])}), no .safetensors.",
-                "Loading a pickle can run arbitrary code. Use a safetensors version of the model, or pass "
-                "allow_pickle=True (--allow-pickle) if you trust its source.",
-            )
-        if not weights and not pickles:
-            raise ResidualsError(
-                f"{repo_id} has no model weights (no .safetensors files).", "Check that the id names a model."
-            )
         folder = Path(
             snapshot_download(
                 repo_id, revision=commit, token=token, cache_dir=cache_dir, allow_patterns=META_PATTERNS
             )
         )
-        headers: dict[str, tuple[str, list[int], tuple[int, int]]] = {}
-        if weights:
-            metadata = api.get_safetensors_metadata(repo_id, revision=commit)
-            for file_meta in metadata.files_metadata.values():
-                for name, tensor in file_meta.tensors.items():
-                    headers[name] = (tensor.dtype, list(tensor.shape), tuple(tensor.data_offsets))
-    return RemotePreview(repo_id, commit, folder, weights or pickles, headers, pickle=not weights)
-
-
-def _weight_files(files: list[str]) -> list[str]:
-    """The safetensors files a loader would read: the index's shards, else model.safetensors, else all."""
-    top = [f for f in files if "/" not in f]
-    if "model.safetensors.index.json" in top:
-        shards = sorted(f for f in top if f.startswith("model-") and f.endswith(".safetensors"))
-        return ["model.safetensors.index.json", *shards]
-    if "model.safetensors" in top:
-        return ["model.safetensors"]
-    return sorted(f for f in top if f.endswith(".safetensors"))
-
-
-def download_weights(
-    preview: RemotePreview, *, token: str | None = None, cache_dir: str | os.PathLike | None = None
-) -> Path:
-    """Fetch exactly the weight files the preview found, at the same commit, into the same snapshot."""
-    from huggingface_hub import snapshot_download
-
-    with _hub_errors(preview.repo_id, preview.commit):
-        folder = snapshot_download(
-            preview.repo_id,
-            revision=preview.commit,
-            token=token,
-            cache_dir=cache_dir,
-            allow_patterns=preview.weight_files + META_PATTERNS,
+        locations = hub_weight_locations(
+            repo_id, commit, info.siblings or [], folder, token, allow_pickle=allow_pickle
         )
-    return Path(folder)
+        config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+        if not locations[0].filename.endswith(".safetensors"):
+            files = [
+                Path(
+                    hf_hub_download(repo_id, loc.filename, revision=commit, token=token, cache_dir=cache_dir)
+                )
+                for loc in locations
+            ]
+            return PickleCheckpoint(repo_id, folder, files, config)
+        return Checkpoint.open_hub(repo_id, folder, locations, config, read_ahead_bytes=read_ahead_bytes)
 
 
 def resolve_model_folder(
@@ -199,17 +161,62 @@ def resolve_model_folder(
     revision: str | None = None,
     token: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    allow_pickle: bool = False,
 ) -> Path:
-    """A local folder as is, or a Hub id downloaded (only what the engine reads) into the cache."""
+    """A local folder as is, or a Hub id downloaded whole into the cache (for transformers to load).
+
+    The engine never needs this (it streams); loading a model for generation does.
+    """
+    from huggingface_hub import snapshot_download
+
     name = str(name_or_path)
     if not is_hub_id(name):
         _check_local_name(name)
         return Path(name).expanduser()
-    preview = preview_remote(
-        name, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle
-    )
-    return download_weights(preview, token=token, cache_dir=cache_dir)
+    with open_hub_model(name, revision=revision, token=token, cache_dir=cache_dir) as checkpoint:
+        files = list(checkpoint.readers)
+        commit = next(iter(checkpoint.readers.values())).location.commit
+    with hub_errors(name, revision):
+        return Path(
+            snapshot_download(
+                name.removeprefix("hf://"),
+                revision=commit,
+                token=token,
+                cache_dir=cache_dir,
+                allow_patterns=files + META_PATTERNS,
+            )
+        )
+
+
+def writable_repo_id(api, repo_id: str) -> str:
+    """The full repo id (namespace added) after checking the token can write there; refuse otherwise."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with hub_errors(repo_id, None):
+        try:
+            who = api.whoami()
+        except HfHubHTTPError as exc:
+            raise ResidualsError(
+                "The Hub did not accept the token (whoami failed).",
+                "Log in again or pass a valid write token (token=... / HF_TOKEN).",
+            ) from exc
+    writable = {who.get("name")} | {org.get("name") for org in who.get("orgs", []) or []}
+    if "/" not in repo_id:
+        repo_id = f"{who['name']}/{repo_id}"
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ResidualsError(
+            f"{repo_id!r} is not a valid repo id ({exc}).", "Use a name like 'you/my-model'."
+        ) from None
+    namespace = repo_id.split("/", 1)[0]
+    if namespace not in writable:
+        raise ResidualsError(
+            f"Your token (user {who.get('name')!r}) cannot write to the namespace {namespace!r}.",
+            f"Push to one of: {', '.join(sorted(n for n in writable if n))}.",
+        )
+    return repo_id
 
 
 def push_folder(
@@ -228,25 +235,9 @@ def push_folder(
     replaces the folder's README.md in that commit (a card written for the repo's name).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
-    try:
-        who = api.whoami()
-    except HfHubHTTPError as exc:
-        raise ResidualsError(
-            "The Hub did not accept the token (whoami failed).",
-            "Log in again or pass a valid write token (token=... / HF_TOKEN).",
-        ) from exc
-    writable = {who.get("name")} | {org.get("name") for org in who.get("orgs", []) or []}
-    if "/" not in repo_id:
-        repo_id = f"{who['name']}/{repo_id}"
-    namespace = repo_id.split("/", 1)[0]
-    if namespace not in writable:
-        raise ResidualsError(
-            f"Your token (user {who.get('name')!r}) cannot write to the namespace {namespace!r}.",
-            f"Push to one of: {', '.join(sorted(n for n in writable if n))}.",
-        )
+    repo_id = writable_repo_id(api, repo_id)
     existed = api.repo_exists(repo_id)
     if existed and not exist_ok:
         raise ResidualsError(f"{repo_id} already exists.", "Choose another name or pass exist_ok=True.")

@@ -20,9 +20,12 @@ from typing import Any
 import torch
 
 from . import arithmetic, hub, operations
+from .artifacts import TokenizerChoice, instruct_tokenizer_choice, write_residuals_files
 from .checkpoint import Checkpoint, StateDictSource, TensorSource, dtype_from_name, dtype_name
 from .config import ResidualsConfig, build_config
 from .errors import ResidualsError
+from .options import DEFAULT_MAX_SHARD_SIZE, Options
+from .sinks import FolderSink, check_disk, open_sink
 from .tokenizer import (
     align_tokenizer_and_embeddings,
     copy_tokenizer,
@@ -31,7 +34,7 @@ from .tokenizer import (
     load_tokenizer,
     resize_model_to_tokenizer,
 )
-from .writer import DEFAULT_MAX_SHARD_SIZE
+from .writer import shard_sizes
 
 ModelLike = Any  # a transformers PreTrainedModel, a local path or a Hub id
 
@@ -69,11 +72,9 @@ def _model_name(model: Any) -> str | None:
     return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
-def _open_input(model: Any, role: str, **kwargs) -> TensorSource:
-    if isinstance(model, Checkpoint):
-        return model
-    if _is_path_like(model):
-        return operations.open_model(model, role=role, **kwargs)
+def _open_input(model: Any, role: str, options: Options) -> TensorSource:
+    if isinstance(model, Checkpoint) or _is_path_like(model):
+        return operations.open_model(model, role=role, options=options)
     if isinstance(model, torch.nn.Module):
         return StateDictSource(
             model.state_dict(),
@@ -114,6 +115,8 @@ class Residuals:
         self._cast: tuple[Any, torch.dtype | None] = (None, None)
         self._stats: dict[str, Any] = {}
         self._temp_holder: Any = None  # keeps a temporary folder alive while this object lives
+        self._checkpoint: Checkpoint | None = None  # file-backed residuals, local or on the Hub
+        self._read_token: str | None = None  # the token they were opened with (a private Hub repo)
 
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
@@ -144,9 +147,9 @@ class Residuals:
                 "instruct_model is missing.", "Pass the instruct model as an instance, a folder or a Hub id."
             )
         storage = dtype_from_name(dtype)
-        opts = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
-        base_src = _open_input(base_model, "base", **opts)
-        inst_src = _open_input(instruct_model, "instruct", **opts)
+        opts = Options(token=token, cache_dir=cache_dir, allow_pickle=allow_pickle, device=device or "cpu")
+        base_src = _open_input(base_model, "base", opts)
+        inst_src = _open_input(instruct_model, "instruct", opts)
         tokenizer = instruct_tokenizer
         if tokenizer is None and instruct_tokenizer_name is not None:
             tokenizer = load_tokenizer(instruct_tokenizer_name)
@@ -164,20 +167,18 @@ class Residuals:
 
         if isinstance(base_src, Checkpoint) and isinstance(inst_src, Checkpoint):
             # validate now from headers alone; compute lazily
-            tok_name, tok_len, _ = operations.instruct_tokenizer_info(
-                inst_src, tokenizer, instruct_tokenizer_name
-            )
+            choice = instruct_tokenizer_choice(inst_src, tokenizer, instruct_tokenizer_name)
             plan = operations.plan_difference(
                 base_src,
                 inst_src,
                 out_dtype=storage,
                 normalize_embeddings=normalize_embeddings,
-                tokenizer_length=tok_len,
+                tokenizer_length=choice.length,
             )
             res = Residuals(
                 config=build_config(
                     [o.info for o in plan.outputs],
-                    tokenizer_name=tok_name,
+                    tokenizer_name=choice.name,
                     base_model_name=base_src.label,
                     instruct_model_name=inst_src.label,
                 ),
@@ -190,7 +191,7 @@ class Residuals:
                 "normalize_embeddings": normalize_embeddings,
                 "instruct_tokenizer": tokenizer,
                 "instruct_tokenizer_name": instruct_tokenizer_name,
-                "device": device or "cpu",
+                "options": opts,
             }
             return res
 
@@ -246,12 +247,17 @@ class Residuals:
         cache_dir: str | os.PathLike | None = None,
         verify: bool = True,
     ) -> Residuals:
-        """Open a residuals folder or Hub repo; tensors stay on disk until read. Hashes are verified."""
+        """Open a residuals folder or Hub repo; tensors stay in the files until read. Hashes are verified.
+
+        A Hub repo is read where it is (streamed, sha256 checked), never downloaded.
+        """
         ck, config = operations.open_residuals(
-            path, token=token, revision=revision, cache_dir=cache_dir, verify=verify
+            path, options=Options(token=token, cache_dir=cache_dir), revision=revision, verify=verify
         )
         ck.close()
         res = Residuals(config=config)
+        res._read_token = token
+        res._checkpoint = ck
         res._folder = ck.folder
         res._cast = (map_location, None)
         manifest = operations.read_manifest(ck.folder) or {}
@@ -263,7 +269,7 @@ class Residuals:
         if self._memory is not None:
             return StateDictSource(self._memory, label="residuals")
         self._materialize()
-        return Checkpoint.open(self._folder)
+        return self._checkpoint if self._checkpoint is not None else Checkpoint.open(self._folder)
 
     def _materialize(self) -> None:
         """Run a pending lazy compute into a temporary folder (removed with this object)."""
@@ -275,7 +281,11 @@ class Residuals:
         self._temp_holder = holder
         weakref.finalize(self, shutil.rmtree, holder.name, True)
 
-    def _run_pending(self, out_dir: Path, **kwargs) -> operations.Result:
+    def _run_pending(
+        self, out_dir: Path | None, card_name: str | None = None, **overrides
+    ) -> operations.Result:
+        """Compute the pending job into `out_dir` (or the Hub repo `push_to`); afterwards this object
+        reads from that folder (a push leaves it lazy: nothing local to read)."""
         job = self._pending
         dtype = self._cast[1] or job["dtype"]
         result = operations.compute_residuals(
@@ -286,15 +296,16 @@ class Residuals:
             normalize_embeddings=job["normalize_embeddings"],
             instruct_tokenizer=job["instruct_tokenizer"],
             instruct_tokenizer_name=job["instruct_tokenizer_name"],
-            device=job["device"],
             config=copy.deepcopy(self.config),
-            **kwargs,
+            card_name=card_name,
+            options=job["options"].with_(**overrides),
         )
-        self.config = result.config
-        self._stats = {"tensors": result.tensors, "reconstruction": result.reconstruction}
-        self._pending = None
-        self._cast = (self._cast[0], None)
-        self._folder = Path(out_dir)
+        if result.path is not None:
+            self.config = result.config
+            self._stats = {"tensors": result.tensors, "reconstruction": result.reconstruction}
+            self._pending = None
+            self._cast = (self._cast[0], None)
+            self._folder = result.path
         return result
 
     @property
@@ -304,7 +315,7 @@ class Residuals:
             return self._memory
         self._materialize()
         device, dtype = self._cast
-        return LazyStateDict(Checkpoint.open(self._folder), device=device, dtype=dtype)
+        return LazyStateDict(self._source(), device=device, dtype=dtype)
 
     @property
     def instruct_tokenizer(self):
@@ -333,15 +344,22 @@ class Residuals:
     ) -> Path:
         """Write weights, tokenizer, config.json, manifest and README.md; atomically."""
         out_dir = Path(out_dir)
+        options = Options(max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+        self._save(out_dir, options, card_name=_card_name or out_dir.name)
+        return out_dir.absolute()
+
+    def _save(self, out_dir: Path | None, options: Options, *, card_name: str | None) -> operations.Result:
+        """Stream these residuals into a folder, or into the Hub repo `options.push_to`."""
         if self._pending is not None:
-            self._run_pending(
+            return self._run_pending(
                 out_dir,
-                max_shard_size=max_shard_size,
-                overwrite=overwrite,
-                progress=progress,
-                card_name=_card_name or out_dir.name,
+                card_name=card_name,
+                **{
+                    k: getattr(options, k)
+                    for k in ("max_shard_size", "overwrite", "progress", "push_to", "private")
+                },
+                **({"token": options.token} if options.token is not None else {}),
             )
-            return out_dir.absolute()
         if self._tokenizer is None and not (self._folder is not None and has_tokenizer(self._folder)):
             raise ResidualsError(
                 "No instruct tokenizer to save with the residuals.",
@@ -356,47 +374,45 @@ class Residuals:
             ),
             normalize_embeddings=False,
         )
-        operations.check_free_disk(out_dir, plan.total_bytes)
-        tokenizer = self._tokenizer
-        folder = self._folder
-
-        def save_tokenizer(target: Path) -> None:
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(target))
-            else:
-                copy_tokenizer(folder, target)
-
+        tokenizer, folder = self._tokenizer, self._folder
+        choice = TokenizerChoice(
+            self.config.tokenizer_name,
+            None,
+            (lambda target: tokenizer.save_pretrained(str(target)))
+            if tokenizer is not None
+            else (lambda target: copy_tokenizer(folder, target)),
+        )
         recorded = self._stats.get("tensors")
         try:
-            with operations.AtomicFolder(out_dir, overwrite=overwrite) as out:
-                weights, measured = operations._stream(
+            sink = open_sink(out_dir, options)
+            check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_size))
+            with sink:
+                weights, measured = operations.stream_into(
+                    sink,
                     plan,
                     lambda pieces, o, into: (pieces[0], pieces[0]),
-                    out.path,
-                    max_shard_size=max_shard_size,
-                    progress=progress,
-                    device="cpu",
+                    options,
+                    inputs=[source],
                     reference_operand=None,
                 )
-                tensors = recorded or {n: s.as_dict() for n, s in measured.items()}
                 same_dtype = dtype is None or dtype_name(dtype) == self.config.dtype
-                operations.write_residuals_metadata(
-                    out.path,
+                result = write_residuals_files(
+                    sink.path,
                     weights,
+                    infos=[o.info for o in plan.outputs],
                     plan=None,
-                    tensor_stats=tensors,
+                    tensor_stats=recorded or {n: s.as_dict() for n, s in measured.items()},
                     reconstruction=self._stats.get("reconstruction") if same_dtype else None,
                     base_name=self.config.base_model_name,
                     instruct_name=self.config.instruct_model_name,
-                    tokenizer_name=self.config.tokenizer_name,
-                    save_tokenizer=save_tokenizer,
+                    tokenizer=choice,
                     generation_config=(folder / "generation_config.json") if folder else None,
                     config=copy.deepcopy(self.config),
-                    card_name=_card_name or out_dir.name,
+                    card_name=card_name or getattr(sink, "repo_id", None) or Path(sink.location).name,
                 )
         finally:
             source.close()
-        return out_dir.absolute()
+        return operations._published(result, sink)
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
@@ -415,6 +431,7 @@ class Residuals:
             }
         else:
             new._folder = self._folder
+            new._checkpoint, new._read_token = self._checkpoint, self._read_token
             new._pending = dict(self._pending) if self._pending else None
             new._temp_holder = self._temp_holder
             new._cast = (device if device is not None else self._cast[0], dtype or self._cast[1])
@@ -474,7 +491,7 @@ class Residuals:
             from transformers import AutoModelForCausalLM
 
             folder = hub.resolve_model_folder(base_model, token=token)
-            operations.open_model(folder, role="base").close()  # the same early checks as streaming
+            operations.open_model(str(folder), role="base").close()  # the same early checks as streaming
             base_model = AutoModelForCausalLM.from_pretrained(
                 str(folder), dtype=dtype_from_name(model_dtype) if model_dtype else torch.float32
             )
@@ -495,17 +512,27 @@ class Residuals:
             or (load_tokenizer(base_tokenizer_name) if base_tokenizer_name else None),
         )
         if out_dir is not None:
-            with operations.AtomicFolder(out_dir, overwrite=overwrite) as out:
+            with FolderSink(out_dir, overwrite=overwrite) as out:
                 base_model.save_pretrained(str(out.path))
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(out.path))
         return base_model
 
     def _apply_streaming(self, target: Any, out_dir: Any, **kwargs) -> Path:
+        """One apply path for paths and ids: the very folder compute-then-apply would give."""
         job = self._pending
         if job is not None and (self._cast[1] or job["dtype"]) == torch.float32:
-            # float32 residuals need not be stored: the one-pass merge computes the very same numbers
-            return operations.merge_models(job["base"], job["instruct"], target, out_dir, **kwargs).path
+            # float32 residuals need not be stored: the one-pass merge computes the very same numbers,
+            # with the same instruct tokenizer deciding the vocabulary rows and the tokenizer shipped
+            return operations.merge_models(
+                job["base"],
+                job["instruct"],
+                target,
+                out_dir,
+                instruct_tokenizer=job["instruct_tokenizer"],
+                instruct_tokenizer_name=job["instruct_tokenizer_name"],
+                **kwargs,
+            ).path
         if self._memory is not None or self._cast[1] is not None:
             holder = tempfile.TemporaryDirectory(prefix="residuals-")
             try:
@@ -514,7 +541,15 @@ class Residuals:
             finally:
                 holder.cleanup()
         self._materialize()
-        return operations.apply_residuals(self._folder, target, out_dir, **kwargs).path
+        if kwargs.get("token") is None:
+            kwargs["token"] = self._read_token
+        return operations.apply_residuals(self._source_name(), target, out_dir, **kwargs).path
+
+    def _source_name(self) -> str:
+        """What to open these file-backed residuals by again: the Hub id or the folder."""
+        if self._checkpoint is not None and self._checkpoint.remote:
+            return self._checkpoint.label
+        return str(self._folder)
 
     def _apply_in_place(
         self, model: torch.nn.Module, *, scale: float, normalize_embeddings: bool, tokenizer, base_tokenizer
@@ -645,10 +680,17 @@ class Residuals:
         *,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     ) -> str:
-        """Save to a temporary folder (card written for `repo_id`) and upload it; returns the repo URL."""
-        with tempfile.TemporaryDirectory(prefix="residuals-push-") as tmp:
-            folder = Path(tmp) / "residuals"
-            # a lazy job computes into the throwaway folder through a copy, so this object stays lazy
-            source = self.to() if self._pending is not None else self
-            source.save_pretrained(folder, max_shard_size=max_shard_size, _card_name=repo_id)
-            return hub.push_folder(folder, repo_id, private=private, token=token, exist_ok=exist_ok)
+        """Stream the residuals straight into a Hub repo (card written for it); returns the repo URL.
+
+        Each shard is uploaded as soon as it is written and deleted locally, and one commit adds
+        everything: no full copy is saved first. A lazy object stays lazy.
+        """
+        if not exist_ok:
+            from huggingface_hub import HfApi
+
+            if HfApi(token=token).repo_exists(repo_id):
+                raise ResidualsError(
+                    f"{repo_id} already exists.", "Choose another name or pass exist_ok=True."
+                )
+        options = Options(max_shard_size=max_shard_size, push_to=repo_id, private=private, token=token)
+        return self._save(None, options, card_name=None).url

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TensorSource, iter_row_ranges
+from .checkpoint import TensorSource, element_ranges
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)\.")
 _ANY_NUMBER = re.compile(r"\.(\d+)\.")
@@ -110,8 +110,8 @@ def tensor_norms(source: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) ->
     for name, info in source.tensors.items():
         norm_sq = 0.0
         if info.numel and info.dtype.is_floating_point:
-            for start, stop in iter_row_ranges(info, info.row_count, piece_bytes):
-                piece = source.read_rows(name, start, stop).to(torch.float64)
+            for start, stop in element_ranges(info.numel, piece_bytes):
+                piece = source.read_elements(name, start, stop).to(torch.float64)
                 norm_sq += float(torch.sum(piece * piece))
         result[name] = {"numel": info.numel, "norm": math.sqrt(norm_sq), "reference_norm": 0.0}
     return result
@@ -125,9 +125,9 @@ def cosine_by_layer(a: TensorSource, b: TensorSource, *, piece_bytes: int = 8 * 
         if other is None or other.shape != info.shape or not info.dtype.is_floating_point:
             continue
         row = acc.setdefault(layer_label(name), [0.0, 0.0, 0.0])
-        for start, stop in iter_row_ranges(info, info.row_count, piece_bytes):
-            x = a.read_rows(name, start, stop).to(torch.float64)
-            y = b.read_rows(name, start, stop).to(torch.float64)
+        for start, stop in element_ranges(info.numel, piece_bytes):
+            x = a.read_elements(name, start, stop).to(torch.float64)
+            y = b.read_elements(name, start, stop).to(torch.float64)
             row[0] += float(torch.dot(x, y))
             row[1] += float(torch.dot(x, x))
             row[2] += float(torch.dot(y, y))

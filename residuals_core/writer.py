@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import queue
-import shutil
 import threading
-import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,94 +26,14 @@ import xxhash
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from .checkpoint import TORCH_TO_SAFETENSORS, TensorInfo
-from .errors import ResidualsError
+from .options import DEFAULT_MAX_SHARD_SIZE
 
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 HASH_CHUNK = 8 * 1024 * 1024
 IO_ALIGN = 4096  # O_DIRECT needs aligned memory, offsets and lengths
 FLUSH_BYTES = 8 * 1024 * 1024  # a block goes to disk once it holds this much
 BLOCK_CAPACITY = FLUSH_BYTES + 8 * 1024 * 1024 + IO_ALIGN  # room for one more engine piece (8 MB at most)
 CHECKSUMS = {"sha256": hashlib.sha256, "xxh3_64": xxhash.xxh3_64}  # what every manifest entry records
 BLOCKS_IN_FLIGHT = 6  # the pool: bounds the writer's memory to ~100 MB
-
-
-def fsync_enabled() -> bool:
-    """Whether outputs are fsync'ed before they are renamed into place (RESIDUALS_FSYNC=1, CLI --fsync).
-
-    Off by default, as with `save_pretrained`: the rename already makes a killed or failed run
-    leave nothing that looks complete, and the manifest's sha256 detects a folder damaged by a
-    power loss. On a slow disk an fsync costs more than the whole computation.
-    """
-    return os.environ.get("RESIDUALS_FSYNC", "") not in ("", "0")
-
-
-class AtomicFolder:
-    """Build a folder under a hidden temporary name next to `dest`; rename it into place on success.
-
-    A failure (or a kill) never leaves anything at `dest` that looks complete, and an existing
-    `dest` is replaced only after the new folder is whole, and only when `overwrite=True`.
-    """
-
-    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False):
-        self.dest = Path(dest).absolute()
-        self.overwrite = overwrite
-        self.path = self.dest.parent / f".{self.dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> AtomicFolder:
-        if self.dest.exists() and not self.dest.is_dir():
-            raise ResidualsError(f"{self.dest} exists and is a file.", "Choose another output folder.")
-        if self.dest.is_dir() and any(self.dest.iterdir()) and not self.overwrite:
-            raise ResidualsError(
-                f"The output folder {self.dest} already exists and is not empty.",
-                "Choose a new folder, or pass overwrite=True (--overwrite) to replace it once the new one is complete.",
-            )
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.dest)
-        self.path.mkdir()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        old = None
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.dest, old)
-        if fsync_enabled():
-            _fsync_tree(self.path)
-        os.rename(self.path, self.dest)
-        if fsync_enabled():
-            _fsync_path(self.dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and directory below `folder`, deepest first (already-flushed files cost nothing)."""
-    for path in sorted(folder.rglob("*"), reverse=True):
-        _fsync_path(path)
-    _fsync_path(folder)
-
-
-def _remove_stale_partials(dest: Path) -> None:
-    """Remove leftovers of earlier runs for the same destination whose process is gone."""
-    for leftover in dest.parent.glob(f".{dest.name}.partial-*"):
-        try:
-            pid = int(leftover.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
-        except (ValueError, PermissionError, IndexError):
-            continue
 
 
 class _Block:
@@ -147,9 +67,10 @@ class _Checksums:
 class _OutputFile:
     """One shard being written: its descriptor, running checksums and size (one thread at a time)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, direct_io: bool, fsync: bool):
         self.path = path
-        self.fd, self.direct = _open_for_writing(path)
+        self.fsync = fsync
+        self.fd, self.direct = _open_for_writing(path, direct_io)
         self.checksums = _Checksums()
         self.size = 0
         self.closed = False
@@ -160,20 +81,12 @@ class _OutputFile:
             os.close(self.fd)
 
 
-def direct_io_enabled() -> bool:
-    """Whether weight files are written with O_DIRECT (default on where the OS has it; RESIDUALS_DIRECT_IO=0 turns it off).
-
-    Outputs are written once and not read back, so staging them in the page cache only costs
-    memory and CPU: on the VMs measured here every fresh page-cache page cost more than the
-    arithmetic (buffered writes 0.3 GB/s, O_DIRECT 2.3-3 GB/s). File systems that refuse
-    O_DIRECT (older tmpfs, some network mounts) get ordinary writes automatically.
-    """
-    return hasattr(os, "O_DIRECT") and os.environ.get("RESIDUALS_DIRECT_IO", "1") not in ("", "0")
-
-
-def _open_for_writing(path: Path) -> tuple[int, bool]:
+def _open_for_writing(path: Path, direct_io: bool) -> tuple[int, bool]:
+    """O_DIRECT where asked and the OS has it: outputs are written once and never read back, so the
+    page cache only costs memory and CPU (on the VMs measured, buffered writes ran at 0.3 GB/s,
+    O_DIRECT at 2.3-3 GB/s). File systems that refuse it get ordinary writes automatically."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if direct_io_enabled():
+    if direct_io and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, flags | os.O_DIRECT, 0o666), True
         except OSError as exc:
@@ -209,21 +122,20 @@ class ShardWriter:
         *,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
+        direct_io: bool = True,
+        fsync: bool = False,
+        before_shard: Callable[[], None] | None = None,
+        shard_done: Callable[[Path], None] | None = None,
     ):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
-        split = split_state_dict_into_shards_factory(
-            {s.name: s for s in specs},
-            get_storage_size=lambda s: s.nbytes,
-            filename_pattern="model{suffix}.safetensors",
-            max_shard_size=max_shard_size,
-        )
+        self._direct_io, self._fsync = direct_io, fsync
+        # a sink's hooks: wait for room before a new shard; take a finished one (from the writing thread)
+        self._before_shard, self._shard_done = before_shard, shard_done
+        split = plan_shards(specs, max_shard_size)
         self.split = split
         self._specs = {s.name: s for s in specs}
-        self._queue: list[tuple[str, list[str]]] = [
-            (filename, [n for n in (s.name for s in specs) if split.tensor_to_filename[n] == filename])
-            for filename in split.filename_to_tensors
-        ]
+        self._queue: list[tuple[str, list[str]]] = [(f, list(names)) for f, names in split.files]
         self.manifest: dict[str, dict[str, Any]] = {}
         self._file: _OutputFile | None = None
         self._block: _Block | None = None
@@ -344,7 +256,9 @@ class ShardWriter:
             offset += spec.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-(8 + len(encoded)) % 8)  # align the data start to 8 bytes, as safetensors does
-        self._file = _OutputFile(self.folder / filename)
+        if self._before_shard is not None:
+            self._before_shard()
+        self._file = _OutputFile(self.folder / filename, direct_io=self._direct_io, fsync=self._fsync)
         self._pending = list(names)
         self._block = self._take_block()
         self._append(memoryview(len(encoded).to_bytes(8, "little") + encoded))
@@ -419,6 +333,9 @@ class ShardWriter:
                     self._write_block(file, block, length, last)
                     if last:
                         self.manifest[file.path.name] = {**file.checksums.hexdigests(), "size": file.size}
+                        file.close()
+                        if self._shard_done is not None:
+                            self._shard_done(file.path)
             except BaseException as exc:
                 self._failure = self._failure or exc
             finally:
@@ -445,7 +362,7 @@ class ShardWriter:
         if last:
             if padded != length:
                 os.ftruncate(file.fd, file.size)
-            if fsync_enabled():
+            if file.fsync:
                 os.fsync(file.fd)
 
     def _check_background(self) -> None:
@@ -457,6 +374,52 @@ class ShardWriter:
             self._to_hash.put(None)
         for thread in self._threads:
             thread.join()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Output files in writing order, each with its tensors in the order given."""
+
+    files: list[tuple[str, list[str]]]
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.files) > 1
+
+    @property
+    def tensor_to_filename(self) -> dict[str, str]:
+        return {name: filename for filename, names in self.files for name in names}
+
+
+def plan_shards(specs: list[TensorInfo], max_shard_size: int | str) -> ShardPlan:
+    """Which tensor goes to which file: huggingface_hub's splitter groups them as save_pretrained does.
+
+    The splitter gives a tensor larger than a shard a file of its own *before* the shard it
+    interrupts; the files are put back in the tensors' order (and numbered so), so that a
+    stream of the inputs never has to go back.
+    """
+    split = split_state_dict_into_shards_factory(
+        {s.name: s for s in specs},
+        get_storage_size=lambda s: s.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    position = {s.name: i for i, s in enumerate(specs)}
+    groups = sorted(
+        (sorted(names, key=position.__getitem__) for names in split.filename_to_tensors.values()),
+        key=lambda names: position[names[0]],
+    )
+    if len(groups) == 1:
+        return ShardPlan([("model.safetensors", groups[0])])
+    count = len(groups)
+    return ShardPlan([(f"model-{i + 1:05d}-of-{count:05d}.safetensors", g) for i, g in enumerate(groups)])
+
+
+def shard_sizes(specs: list[TensorInfo], max_shard_size: int | str) -> list[int]:
+    """Data bytes of each output file, in the order they are written."""
+    split = plan_shards(specs, max_shard_size)
+    sizes = {s.name: s.nbytes for s in specs}
+    return [sum(sizes[n] for n in names) for _, names in split.files]
 
 
 def file_digest(path: Path) -> dict[str, Any]:

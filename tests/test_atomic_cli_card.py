@@ -75,15 +75,14 @@ def test_shard_writer_fills_pieces_in_place_through_a_few_blocks(tmp_path):
     assert manifest["model.safetensors"] == file_digest(tmp_path / "model.safetensors")
 
 
-@pytest.mark.parametrize("direct", ["1", "0"])
-def test_shard_writer_odd_sizes_and_shards_match_save_file(tmp_path, monkeypatch, direct):
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_odd_sizes_and_shards_match_save_file(tmp_path, direct):
     """Unaligned sizes, a misaligned float32 after an odd bf16, pieces copied in and big ones: same bytes as safetensors."""
     from safetensors.torch import load_file
 
     from residuals_core.checkpoint import TensorInfo
     from residuals_core.writer import BLOCK_CAPACITY, ShardWriter
 
-    monkeypatch.setenv("RESIDUALS_DIRECT_IO", direct)
     gen = torch.Generator().manual_seed(0)
     tensors = {
         "a.odd_bf16": torch.randn(3, 7, generator=gen).bfloat16(),  # 42 bytes: the next float32 is misaligned
@@ -93,7 +92,10 @@ def test_shard_writer_odd_sizes_and_shards_match_save_file(tmp_path, monkeypatch
         "e.i64": torch.arange(17),
     }
     writer = ShardWriter(
-        tmp_path, [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], max_shard_size="4MB"
+        tmp_path,
+        [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+        max_shard_size="4MB",
+        direct_io=direct,
     )
     for name in writer.order:
         flat = tensors[name].reshape(-1)
@@ -156,18 +158,16 @@ def test_write_error_surfaces_and_leaves_nothing(tmp_path, families, monkeypatch
 
 
 def test_fsync_only_when_asked(tmp_path, families, monkeypatch):
-    """Default like save_pretrained (atomic rename, no fsync); RESIDUALS_FSYNC=1 / --fsync flushes everything."""
+    """Default like save_pretrained (atomic rename, no fsync); fsync=True / --fsync flushes everything."""
     from residuals_core import merge_models
 
     fam = families("llama")
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    monkeypatch.delenv("RESIDUALS_FSYNC", raising=False)
     merge_models(fam["base"], fam["instruct"], fam["base"], tmp_path / "fast")
     assert synced == []
-    monkeypatch.setenv("RESIDUALS_FSYNC", "1")
-    merge_models(fam["base"], fam["instruct"], fam["base"], tmp_path / "durable")
+    merge_models(fam["base"], fam["instruct"], fam["base"], tmp_path / "durable", fsync=True)
     files = [p for p in (tmp_path / "durable").iterdir()]
     assert len(synced) >= len(files) + 2  # every file, the folder, and its parent after the rename
     assert "--fsync" in run_cli("merge", "--help").stdout

@@ -172,7 +172,7 @@ def test_buffers_and_integer_tensors_in_checkpoints(tmp_path):
     assert torch.allclose(out["rotary.inv_freq"], torch.linspace(0, 1, 8) * 4)
 
 
-def test_tensors_larger_than_the_buffer_are_read_in_row_pieces(families, tmp_path, monkeypatch):
+def test_tensors_larger_than_the_buffer_are_read_in_pieces(families, tmp_path, monkeypatch):
     """Stream, don't load: no read is larger than the piece size, and the result is still exact."""
     from residuals_core import arithmetic
     from residuals_core.checkpoint import Checkpoint
@@ -180,13 +180,13 @@ def test_tensors_larger_than_the_buffer_are_read_in_row_pieces(families, tmp_pat
     piece_bytes = 4096
     monkeypatch.setattr(arithmetic, "DEFAULT_PIECE_BYTES", piece_bytes)
     largest = {"elements": 0}
-    real_read = Checkpoint.read_rows
+    real_read = Checkpoint.read_elements
 
     def spy(self, name, start, stop, out=None):
-        largest["elements"] = max(largest["elements"], (stop - start) * self.tensors[name].row_numel)
+        largest["elements"] = max(largest["elements"], stop - start)
         return real_read(self, name, start, stop, out)
 
-    monkeypatch.setattr(Checkpoint, "read_rows", spy)
+    monkeypatch.setattr(Checkpoint, "read_elements", spy)
     fam = families("llama")
     embed_bytes = load_state(fam["base"])["model.embed_tokens.weight"].numel() * 4
     assert embed_bytes > 8 * piece_bytes

@@ -1,0 +1,105 @@
+"""`residuals_manifest.json`: every file of a result with its checksums and size, plus what was measured.
+
+Written last into a result folder (or the commit of a Hub result); checked when a residuals
+folder is read back: sizes at once, checksums in a background thread that `apply` waits for
+before publishing, so a corrupted input still yields no output. For residuals read from the Hub
+the weight files are not on disk: the Hub's own sha256 of each (its LFS oid) must equal the
+manifest's, and the bytes are checked against it as they stream.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint, read_json
+from .errors import ResidualsError
+from .writer import file_digest, matches_manifest
+
+MANIFEST_NAME = "residuals_manifest.json"
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST_NAME
+    return read_json(path) if path.is_file() else None
+
+
+def write_manifest(
+    folder: Path, weights: dict[str, dict[str, Any]], extra_files: list[str], sidecar: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Hash the non-weight files too and write the manifest; return {file: {sha256, xxh3_64, size}}."""
+    files = dict(weights)
+    for name in extra_files:
+        files[name] = file_digest(folder / name)
+    (folder / MANIFEST_NAME).write_text(
+        json.dumps({"files": files, **sidecar}, indent=2) + "\n", encoding="utf-8"
+    )
+    return files
+
+
+def verify_manifest(checkpoint: Checkpoint) -> None:
+    """Refuse a residuals folder whose files do not match the checksums and sizes recorded when it was written."""
+    ManifestCheck(checkpoint).wait()
+
+
+class ManifestCheck:
+    """Check a checkpoint's files against its manifest: sizes at once, checksums in a background thread.
+
+    Reading and hashing a 16 GB residual takes seconds; `apply` starts the check, streams meanwhile (both
+    read the same cached pages), and calls `wait()` before its output is published.
+    """
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.folder = checkpoint.folder
+        self.label = checkpoint.label
+        self._problem: ResidualsError | None = None
+        manifest = read_manifest(self.folder)
+        entries = (manifest or {}).get("files", {})  # no manifest: another tool wrote it, nothing to check
+        local: dict[str, dict[str, Any]] = {}
+        for name, entry in entries.items():
+            reader = checkpoint.readers.get(name) if checkpoint.remote else None
+            if reader is not None:  # a weight file on the Hub: its recorded sha256 must be the Hub's
+                expected, recorded = entry.get("sha256"), reader.location.sha256
+                if recorded is not None and expected is not None and recorded != expected:
+                    raise ResidualsError(
+                        f"{self.label}: {name} on the Hub is not the file its {MANIFEST_NAME} records "
+                        f"(sha256 {recorded[:12]}… vs {expected[:12]}…) — it was altered or replaced.",
+                        "Push the residuals again, or use the folder they were computed into.",
+                    )
+                continue
+            path = self.folder / name
+            if not path.is_file():
+                raise ResidualsError(
+                    f"{self.label}: {name} is missing (it is listed in {MANIFEST_NAME}).",
+                    "The folder is incomplete: copy or download it again.",
+                )
+            if path.stat().st_size != entry["size"]:
+                raise ResidualsError(
+                    f"{self.label}: {name} has {path.stat().st_size} bytes, {entry['size']} were written — truncated or altered.",
+                    "Copy or download the folder again.",
+                )
+            local[name] = entry
+        self._thread = threading.Thread(target=self._hash_all, args=(local,), daemon=True)
+        self._thread.start()
+
+    def _hash_all(self, entries: dict[str, dict[str, Any]]) -> None:
+        try:
+            for name, entry in entries.items():
+                if not matches_manifest(self.folder / name, entry):
+                    self._problem = ResidualsError(
+                        f"{self.label}: {name} does not match its recorded checksum — the file was altered or corrupted.",
+                        "Copy or download the folder again; do not edit weight files by hand.",
+                    )
+                    return
+        except OSError as exc:
+            self._problem = ResidualsError(
+                f"{self.label}: could not read {exc.filename}: {exc.strerror}.",
+                "Check the folder and try again.",
+            )
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._problem is not None:
+            raise self._problem

@@ -1,0 +1,107 @@
+"""How a run reads, computes and writes: one explicit object, passed down, never read from the environment.
+
+A multi-user app varies these per job (one visitor's token, another's output repo), so no layer
+below the public functions looks at environment variables or globals for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ResidualsError
+from .sources import DEFAULT_READ_AHEAD_BYTES
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything about a run that is not the arithmetic itself.
+
+    - device: where to combine (cpu, cuda); piece_bytes: float32 bytes per piece (None: by device)
+    - max_shard_size: largest output weight file; with `push_to` it also bounds local disk (~2 shards)
+    - overwrite: replace an existing output folder once the new one is complete
+    - fsync: flush outputs before renaming them into place; direct_io: write weights with O_DIRECT
+    - token, cache_dir, allow_pickle, read_ahead_bytes: how inputs are read (cache_dir holds
+      only a Hub model's small files: config, tokenizer, card)
+    - push_to, private: write straight into this Hub repo instead of a folder
+    - work_dir: where a Hub output's shards wait for their upload (default: the temp folder)
+    - progress: callback (done, total, tensor name)
+    """
+
+    device: str | torch.device = "cpu"
+    piece_bytes: int | None = None
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    overwrite: bool = False
+    fsync: bool = False
+    direct_io: bool = True
+    token: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    allow_pickle: bool = False
+    read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES
+    push_to: str | None = None
+    private: bool = False
+    work_dir: str | os.PathLike | None = None
+    progress: Progress | None = None
+
+    def with_(self, **changes: Any) -> Options:
+        return replace(self, **changes)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(Options))
+
+
+def make_options(options: Options | None, overrides: dict[str, Any]) -> Options:
+    """`options` (or the defaults) with keyword overrides; unknown keywords are a clear error."""
+    unknown = sorted(set(overrides) - OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    return (options or Options()).with_(**overrides) if overrides else (options or Options())
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count, as huggingface_hub's splitter reads them."""
+    if isinstance(value, int) and value > 0:
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number) :]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ResidualsError(
+            f"{value!r} is not a size.", "Give a size such as 5GB, 500MB or 2GiB (or a number of bytes)."
+        ) from None
+    if size < 1:
+        raise ResidualsError(f"A shard size of {value!r} is too small.", "Give a size such as 5GB or 500MB.")
+    return int(size)
+
+
+def work_dir(options: Options) -> Path:
+    import tempfile
+
+    return Path(options.work_dir) if options.work_dir is not None else Path(tempfile.gettempdir())

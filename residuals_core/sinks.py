@@ -1,0 +1,310 @@
+"""Where results go: an atomic local folder, or straight into a Hub repo. One writer interface.
+
+A sink is a context manager with a staging folder (`path`) that the operation fills (weights
+through a `ShardWriter`, then config, tokenizer, manifest and card), two hooks the writer calls
+around each weight file (`before_shard`, `shard_done`), and a publish step on a clean exit:
+- `FolderSink` builds the folder under a hidden name next to its destination and renames it
+  into place, so a failure or a kill never leaves anything that looks complete;
+- `HubRepoSink` uploads each finished shard at once (`preupload_lfs_files`) and deletes it
+  locally, so local disk holds about two shards whatever the model size; one `create_commit`
+  at the end adds everything, so the repo shows the whole result or nothing, and a repo the run
+  created is deleted again when the run fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from .errors import ResidualsError
+from .options import Options, work_dir
+
+UPLOAD_SLOTS = 2  # shards on local disk at once with a Hub sink: one being written, one uploading
+DISK_MARGIN_BYTES = 64 * 1024 * 1024  # config, tokenizer, manifest, card and the file system's own
+
+
+class Sink:
+    """The writer interface: fill `path`, and the sink publishes it when the block exits cleanly."""
+
+    path: Path
+    location: str  # where the result is, for the user: a folder or a repo URL
+
+    def before_shard(self) -> None:
+        """Called before a new weight file is opened: may wait until there is room for it."""
+
+    def shard_done(self, path: Path) -> None:
+        """Called (from the writer's thread) when a weight file is complete and closed."""
+
+    def disk_needed(self, shard_sizes: list[int]) -> tuple[Path, int]:
+        """(folder, bytes) of local disk this sink needs for weight files of these sizes."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        raise NotImplementedError
+
+
+def open_sink(out_dir: str | os.PathLike | None, options: Options, *, card_name: str | None = None) -> Sink:
+    """The sink for a run: the Hub repo `options.push_to`, else the folder `out_dir`."""
+    if options.push_to is not None:
+        if out_dir is not None:
+            raise ResidualsError(
+                "Both an output folder and push_to were given.",
+                "Give one: --out for a local folder, or --push-to for a Hub repo.",
+            )
+        return HubRepoSink(options.push_to, options)
+    if out_dir is None:
+        raise ResidualsError(
+            "No output was given.",
+            "Give an output folder (--out / out_dir) or a Hub repo (--push-to / push_to).",
+        )
+    return FolderSink(out_dir, overwrite=options.overwrite, fsync=options.fsync)
+
+
+def check_disk(sink: Sink, shard_sizes: list[int]) -> None:
+    """Refuse up front, with the numbers, when the sink's local disk cannot hold what it needs."""
+    folder, needed = sink.disk_needed(shard_sizes)
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DISK_MARGIN_BYTES <= free:
+        return
+    if isinstance(sink, HubRepoSink):
+        raise ResidualsError(
+            f"Not enough free disk at {probe}: pushing to the Hub keeps up to two output shards here at a time, "
+            f"{_size(needed)} with these shards (+{_size(DISK_MARGIN_BYTES)} for small files), and {_size(free)} are free.",
+            "Use a smaller --max-shard-size (e.g. 1GB), free some space, or point TMPDIR (work_dir=) at a larger disk.",
+        )
+    raise ResidualsError(
+        f"Not enough free disk at {probe}: the output needs about {_size(needed + DISK_MARGIN_BYTES)}, "
+        f"{_size(free)} are free.",
+        "Free some space, choose an output folder on a larger disk, or push straight to the Hub with --push-to.",
+    )
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 10**9:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+# ---- a local folder ---------------------------------------------------------------------------------
+class FolderSink(Sink):
+    """Build a folder under a hidden temporary name next to `dest`; rename it into place on success.
+
+    An existing `dest` is replaced only after the new folder is whole, and only with `overwrite`.
+    """
+
+    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False, fsync: bool = False):
+        self.dest = Path(dest).absolute()
+        self.overwrite = overwrite
+        self.fsync = fsync
+        self.location = str(self.dest)
+        self.path = self.dest.parent / f".{self.dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def disk_needed(self, shard_sizes: list[int]) -> tuple[Path, int]:
+        return self.dest.parent, sum(shard_sizes)
+
+    def __enter__(self) -> FolderSink:
+        if self.dest.exists() and not self.dest.is_dir():
+            raise ResidualsError(f"{self.dest} exists and is a file.", "Choose another output folder.")
+        if self.dest.is_dir() and any(self.dest.iterdir()) and not self.overwrite:
+            raise ResidualsError(
+                f"The output folder {self.dest} already exists and is not empty.",
+                "Choose a new folder, or pass overwrite=True (--overwrite) to replace it once the new one is complete.",
+            )
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(self.dest)
+        self.path.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        old = None
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.dest, old)
+        if self.fsync:
+            _fsync_tree(self.path)
+        os.rename(self.path, self.dest)
+        if self.fsync:
+            _fsync_path(self.dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# kept under its old name: code written against the first releases builds folders with it
+AtomicFolder = FolderSink
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and directory below `folder`, deepest first (already-flushed files cost nothing)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        _fsync_path(path)
+    _fsync_path(folder)
+
+
+def _remove_stale_partials(dest: Path) -> None:
+    """Remove leftovers of earlier runs for the same destination whose process is gone."""
+    for leftover in dest.parent.glob(f".{dest.name}.partial-*"):
+        try:
+            pid = int(leftover.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            continue
+
+
+# ---- a Hub repo --------------------------------------------------------------------------------------
+class HubRepoSink(Sink):
+    """Stream a result into a Hub model repo: shards uploaded as they finish, one commit at the end."""
+
+    def __init__(
+        self, repo_id: str, options: Options, *, commit_message: str = "Upload with Residuals Studio"
+    ):
+        self.requested = repo_id
+        self.options = options
+        self.commit_message = commit_message
+        self.repo_id = repo_id
+        self.location = repo_id
+        self.path = Path()  # set on enter
+        self.uploaded: list[str] = []  # shards sent to the Hub by this run (not those it already held)
+        self._api = None
+        self._created = False
+        self._operations: list = []
+        self._slots = threading.Semaphore(UPLOAD_SLOTS)
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def disk_needed(self, shard_sizes: list[int]) -> tuple[Path, int]:
+        pairs = [a + b for a, b in itertools.pairwise(shard_sizes)]
+        return work_dir(self.options), max(pairs or shard_sizes or [0])
+
+    def __enter__(self) -> HubRepoSink:
+        from huggingface_hub import HfApi
+
+        from .hub import hub_errors, writable_repo_id
+
+        self._api = HfApi(token=self.options.token)
+        self.repo_id = writable_repo_id(self._api, self.requested)
+        with hub_errors(self.repo_id, None):
+            existed = self._api.repo_exists(self.repo_id)
+            url = self._api.create_repo(self.repo_id, private=self.options.private, exist_ok=True)
+        self._created = not existed
+        self.location = str(url)
+        folder = work_dir(self.options)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=".residuals-push-", dir=folder))
+        self._thread = threading.Thread(target=self._upload_shards, name="hub-upload", daemon=True)
+        self._thread.start()
+        return self
+
+    # ---- the writer's hooks ----------------------------------------------------------------------
+    def before_shard(self) -> None:
+        while not self._slots.acquire(timeout=0.2):
+            self._check_uploads()
+        self._check_uploads()
+
+    def shard_done(self, path: Path) -> None:
+        self._queue.put(path)
+
+    def _upload_shards(self) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        while (path := self._queue.get()) is not None:
+            try:
+                if self._failure is None:
+                    operation = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+                    self._api.preupload_lfs_files(self.repo_id, additions=[operation])
+                    if operation._is_uploaded:
+                        self.uploaded.append(path.name)
+                    self._operations.append(operation)
+            except BaseException as exc:
+                self._failure = self._failure or exc
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                self._slots.release()
+
+    def _check_uploads(self) -> None:
+        if self._failure is not None:
+            raise ResidualsError(
+                f"Uploading to {self.repo_id} failed ({type(self._failure).__name__}: {self._failure}).",
+                "Check your connection and token, then run again: shards the Hub already holds are not sent again.",
+            ) from self._failure
+
+    # ---- publishing -------------------------------------------------------------------------------
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if exc_type is not None:
+                self._discard()
+                return
+            try:
+                self._check_uploads()
+                self._commit()
+            except BaseException as failure:
+                cleanup = self._discard()
+                problem = (
+                    failure.problem
+                    if isinstance(failure, ResidualsError)
+                    else f"{type(failure).__name__}: {failure}"
+                )
+                raise ResidualsError(
+                    f"Pushing to {self.repo_id} failed ({problem}). {cleanup}",
+                    "Run the same command again"
+                    + (
+                        ": into an existing repo, shards the Hub already holds are not sent again."
+                        if not self._created
+                        else "."
+                    ),
+                ) from failure
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _commit(self) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        shards = {op.path_in_repo for op in self._operations}
+        small = [
+            CommitOperationAdd(path_in_repo=p.relative_to(self.path).as_posix(), path_or_fileobj=str(p))
+            for p in sorted(self.path.rglob("*"))
+            if p.is_file() and p.name not in shards
+        ]
+        self._api.create_commit(
+            repo_id=self.repo_id, operations=[*self._operations, *small], commit_message=self.commit_message
+        )
+
+    def _discard(self) -> str:
+        """After a failure: delete the repo if this run created it (nothing is left behind); say what happened."""
+        if not self._created:
+            return f"The existing repo {self.repo_id} was left as it was (no commit was made)."
+        try:
+            self._api.delete_repo(self.repo_id)
+        except Exception:
+            return f"The repo {self.repo_id} was created by this run but could not be deleted; delete it on the Hub."
+        return f"The empty repo {self.repo_id} created by this push was deleted."

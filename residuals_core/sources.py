@@ -1,0 +1,371 @@
+"""Byte readers behind every checkpoint file: a local file, or a file of a Hub repo read as it streams.
+
+Both give `read_into(offset, view)` and `finish()`, so the engine never knows where bytes come
+from. A local file is read with positioned reads into the caller's buffer (no mmap: mapped pages
+of a large file count towards resident memory). A Hub file is read with ranged GETs through
+huggingface_hub's HTTP helpers, sequentially, by a background thread that keeps a bounded
+read-ahead queue full, resumes where a cut connection stopped, and hashes every byte: `finish()`
+compares the sha256 with the one the Hub records for the file (its LFS oid). Nothing of a Hub
+file is ever written to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import xxhash
+
+from .errors import ResidualsError
+
+CHUNK_BYTES = 1024 * 1024  # the stream's unit: hashed, queued and (when read again) verified per chunk
+DEFAULT_READ_AHEAD_BYTES = 32 * 1024 * 1024
+RETRIES = 8  # consecutive failed attempts before a Hub read gives up (progress resets the count)
+FIRST_RETRY_WAIT_S = 0.5
+MAX_RETRY_WAIT_S = 8.0
+
+
+class ByteReader:
+    """One input file: `size` bytes, read at any offset into a caller's buffer."""
+
+    label: str
+    size: int
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        raise NotImplementedError
+
+    def read_bytes(self, offset: int, length: int) -> bytes:
+        data = bytearray(length)
+        self.read_into(offset, memoryview(data))
+        return bytes(data)
+
+    def finish(self) -> None:
+        """Check what was read (a Hub file: its sha256); called once the work is done, before publishing."""
+
+    def close(self) -> None:
+        """Release handles and threads; the reader can be used again afterwards."""
+
+
+class LocalFile(ByteReader):
+    def __init__(self, path: os.PathLike | str):
+        self.path = os.fspath(path)
+        self.label = self.path
+        self.size = os.stat(self.path).st_size
+        self._fd: int | None = None
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise ResidualsError(
+                    f"{self.path} ended early (at byte {offset + done} of the {self.size} its header describes).",
+                    "The file is truncated: download or copy it again.",
+                )
+            done += got
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(frozen=True)
+class HubLocation:
+    """Where a Hub file lives, pinned to one commit, and what the Hub says its bytes are."""
+
+    repo_id: str
+    commit: str
+    filename: str
+    size: int
+    sha256: str | None  # the LFS oid; None for a file the Hub stores in git (small files only)
+    token: str | None = None
+
+
+class ReadStats:
+    """Bytes fetched from the Hub by every reader of a run (for the benchmark and the request log)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.retries = 0
+
+    def add(self, nbytes: int = 0, retries: int = 0) -> None:
+        with self.lock:
+            self.bytes += nbytes
+            self.retries += retries
+
+
+HUB_READS = ReadStats()
+
+
+class HubFile(ByteReader):
+    """A Hub file read in file order with read-ahead, retried and resumed, its sha256 checked.
+
+    Reads at or after the stream's position are served from the stream (bytes skipped on the way
+    are still hashed); reads behind it, which only happen when inputs order their tensors
+    differently, are fetched again by range and checked against the per-chunk digests the stream
+    recorded, so every byte the engine uses is verified.
+    """
+
+    def __init__(self, location: HubLocation, *, read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES):
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        self.location = location
+        self.label = f"{location.repo_id}/{location.filename}"
+        self.size = location.size
+        self.url = hf_hub_url(location.repo_id, location.filename, revision=location.commit)
+        self._headers = build_hf_headers(token=location.token)
+        self._read_ahead_chunks = max(2, read_ahead_bytes // CHUNK_BYTES)
+        self._stream: _Stream | None = None
+        self._held: tuple[int, bytes] | None = None  # the last chunk taken from the stream
+        self._recent: tuple[int, bytes] | None = None  # the last chunk fetched again by range
+
+    # ---- reading -------------------------------------------------------------------------------
+    def read_into(self, offset: int, view: memoryview) -> None:
+        if offset + len(view) > self.size:
+            raise ResidualsError(
+                f"{self.label}: a read past its end (byte {offset + len(view)} of {self.size}).",
+                "The file's header does not match the file: it is corrupt on the Hub.",
+            )
+        done = 0
+        while done < len(view):
+            position = offset + done
+            index = position // CHUNK_BYTES
+            chunk = self._chunk(index)
+            start = position - index * CHUNK_BYTES
+            count = min(len(view) - done, len(chunk) - start)
+            view[done : done + count] = chunk[start : start + count]
+            done += count
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """One ranged GET outside the stream (headers before any work): not hashed, nothing kept."""
+        from huggingface_hub.utils import hf_raise_for_status, http_backoff
+
+        end = min(offset + length, self.size) - 1
+        try:
+            with _hub_read_errors(self.label):
+                response = http_backoff(
+                    "GET", self.url, headers={**self._headers, "Range": f"bytes={offset}-{end}"}, timeout=60
+                )
+                hf_raise_for_status(response)
+        except _RetryableRead as exc:
+            raise ResidualsError(
+                f"The Hub kept failing to send {self.label} ({exc}).", "Try again later."
+            ) from exc
+        data = response.content
+        HUB_READS.add(len(data))
+        if len(data) != end - offset + 1:
+            raise ResidualsError(
+                f"{self.label}: the Hub sent {len(data)} bytes for a {end - offset + 1}-byte range.",
+                "Try again later; if it persists the file on the Hub is damaged.",
+            )
+        return data
+
+    def _chunk(self, index: int) -> bytes:
+        if self._held is not None and self._held[0] == index:
+            return self._held[1]
+        if self._recent is not None and self._recent[0] == index:
+            return self._recent[1]
+        if self._stream is None:
+            self._stream = _Stream(self, self._read_ahead_chunks)
+        if self._held is None or index > self._held[0]:
+            while self._held is None or self._held[0] < index:
+                self._held = (self._stream.taken, self._stream.take())
+            return self._held[1]
+        return self._fetch_again(index)
+
+    def _fetch_again(self, index: int) -> bytes:
+        """A chunk the stream already passed: fetched by range, checked against its recorded digest."""
+        start = index * CHUNK_BYTES
+        data = self.read_range(start, min(CHUNK_BYTES, self.size - start))
+        if xxhash.xxh3_64_intdigest(data) != self._stream.chunk_digests[index]:
+            raise ResidualsError(
+                f"{self.label}: bytes {start}–{start + len(data)} differ from the first time they were read.",
+                "The Hub served inconsistent data; try again later.",
+            )
+        self._recent = (index, data)
+        return data
+
+    # ---- checking and closing ----------------------------------------------------------------------
+    def finish(self) -> None:
+        if self._stream is None:
+            return  # nothing of this file was used
+        digest = self._stream.drain()
+        expected = self.location.sha256
+        if expected is not None and digest != expected:
+            raise ResidualsError(
+                f"{self.label}: its bytes have sha256 {digest[:16]}…, the Hub records {expected[:16]}… for it — "
+                "the download was corrupted or the file was altered.",
+                "Nothing was written. Run again; if it persists, the file on the Hub is damaged.",
+            )
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.stop()
+        self._stream = None
+        self._held = self._recent = None
+
+
+class _Stream:
+    """A background thread reading one Hub file from byte 0 to its end into a bounded queue.
+
+    Each queued item is one whole chunk; the thread hashes it (sha256 of the file, xxh3 per chunk)
+    before queueing, so hashing overlaps the engine's arithmetic. A cut connection, a timeout or
+    a 5xx is retried with exponential backoff from the byte where it stopped.
+    """
+
+    def __init__(self, file: HubFile, depth: int):
+        self.file = file
+        self.chunk_digests: list[int] = []
+        self.taken = 0  # index of the next chunk the consumer takes
+        self._sha256 = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"hub-read {file.label}", daemon=True)
+        self._thread.start()
+
+    def take(self) -> bytes:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise self._failure or RuntimeError(f"{self.file.label}: the read stream ended early") from None
+                continue
+            if item is None:
+                raise self._failure or RuntimeError(f"{self.file.label}: read past the end of the stream")
+            self.taken += 1
+            return item
+
+    def drain(self) -> str:
+        """Read what is left to the end of the file (usually nothing); the file's sha256."""
+        total = -(-self.file.size // CHUNK_BYTES)
+        while self.taken < total:
+            self.take()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._sha256.hexdigest()
+
+    def stop(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
+        self._thread.join()
+
+    def _put(self, item: bytes | None) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _emit(self, chunk: bytes) -> bool:
+        self._sha256.update(chunk)
+        self.chunk_digests.append(xxhash.xxh3_64_intdigest(chunk))
+        return self._put(chunk)
+
+    def _run(self) -> None:
+        try:
+            self._read_all()
+        except BaseException as exc:
+            self._failure = exc
+            self._put(None)
+
+    def _read_all(self) -> None:
+        import httpx2
+        from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
+
+        file = self.file
+        position = 0  # bytes emitted as whole chunks
+        pending = bytearray()  # bytes of the current, incomplete chunk
+        failures, wait = 0, FIRST_RETRY_WAIT_S
+        while position + len(pending) < file.size:
+            start = position + len(pending)
+            headers = {**file._headers, "Range": f"bytes={start}-{file.size - 1}"}
+            received = 0
+            try:
+                with (
+                    _hub_read_errors(file.label),
+                    http_stream_backoff("GET", file.url, headers=headers, timeout=60) as response,
+                ):
+                    hf_raise_for_status(response)
+                    if response.status_code != 206 and start > 0:
+                        raise ResidualsError(
+                            f"{file.label}: the Hub ignored a ranged read.", "Try again later."
+                        )
+                    for data in response.iter_bytes(CHUNK_BYTES):
+                        received += len(data)
+                        pending += data
+                        while len(pending) >= CHUNK_BYTES:
+                            if not self._emit(bytes(pending[:CHUNK_BYTES])):
+                                return
+                            del pending[:CHUNK_BYTES]
+                            position += CHUNK_BYTES
+                        if self._stop.is_set():
+                            return
+                        if received:
+                            failures, wait = 0, FIRST_RETRY_WAIT_S  # progress: a later cut starts over
+            except (httpx2.TransportError, _RetryableRead) as exc:
+                failures += 1
+                HUB_READS.add(retries=1)
+                if failures >= RETRIES:
+                    raise ResidualsError(
+                        f"Reading {file.label} failed at byte {position + len(pending)} of {file.size} "
+                        f"after {failures} attempts ({type(exc).__name__}: {exc}).",
+                        "Check the network connection and run again.",
+                    ) from exc
+                time.sleep(wait)
+                wait = min(MAX_RETRY_WAIT_S, wait * 2)
+            finally:
+                HUB_READS.add(received)
+            if position + len(pending) > file.size:
+                raise ResidualsError(
+                    f"{file.label}: the Hub sent more bytes than the file's size ({file.size}).",
+                    "Try again later.",
+                )
+        if pending and not self._emit(bytes(pending)):
+            return
+        self._put(None)
+
+
+class _RetryableRead(Exception):
+    """A Hub answer worth retrying that huggingface_hub already gave up on (a 5xx after its own retries)."""
+
+
+class _hub_read_errors:
+    """Hub errors during a read: 5xx become retryable, the rest a clear ResidualsError naming the file."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, ResidualsError):
+            return False
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if isinstance(exc, HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else None
+            if status is not None and status >= 500:
+                raise _RetryableRead(f"HTTP {status}") from exc
+            raise ResidualsError(
+                f"The Hub refused to send {self.label} (HTTP {status}).",
+                "Check the id and that your token can read the repo.",
+            ) from exc
+        return False
