@@ -240,7 +240,9 @@ class _Stream:
                 item = self._queue.get(timeout=0.5)
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise self._failure or RuntimeError(f"{self.file.label}: the read stream ended early") from None
+                    raise self._failure or RuntimeError(
+                        f"{self.file.label}: the read stream ended early"
+                    ) from None
                 continue
             if item is None:
                 raise self._failure or RuntimeError(f"{self.file.label}: read past the end of the stream")
