@@ -36,7 +36,6 @@ class Result:
     reconstruction: dict[str, Any] | None = None
     config: ResidualsConfig | None = None
     url: str | None = None  # the Hub repo, when pushed
-    uploaded: list[str] = field(default_factory=list)  # shards this run sent (not those the Hub had)
 
     @property
     def location(self) -> str:

@@ -34,6 +34,7 @@ from .errors import ResidualsError
 from .manifest import ManifestCheck, read_manifest, verify_manifest
 from .options import Options, make_options
 from .sinks import Sink, check_disk, open_sink
+from .tokenizer import tokenizer_files
 from .writer import ShardWriter, shard_sizes
 
 __all__ = [
@@ -227,10 +228,16 @@ def stream_into(
     return weights, tensor_stats
 
 
-def _ready_sink(out_dir: str | os.PathLike | None, plan: arithmetic.Plan, options: Options) -> Sink:
-    """The run's sink, after checking (before any work) that its local disk holds what it needs."""
+def _ready_sink(
+    out_dir: str | os.PathLike | None, plan: arithmetic.Plan, options: Options, small_files_from: list[Path]
+) -> Sink:
+    """The run's sink, after checking (before any work) that its local disk holds what it needs.
+
+    `small_files_from`: folders whose tokenizer the result may copy (their size counts too).
+    """
     sink = open_sink(out_dir, options)
-    check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_size))
+    small = max((sum(p.stat().st_size for p in tokenizer_files(f)) for f in small_files_from), default=0)
+    check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_size), small)
     return sink
 
 
@@ -240,7 +247,7 @@ def _name_of(sink: Sink) -> str:
 
 def _published(result: Result, sink: Sink) -> Result:
     if getattr(sink, "repo_id", None):
-        result.path, result.url, result.uploaded = None, sink.location, list(sink.uploaded)
+        result.path, result.url = None, sink.location
     else:
         result.path = Path(sink.location)
     return result
@@ -280,7 +287,7 @@ def compute_residuals(
             normalize_embeddings=normalize_embeddings,
             tokenizer_length=tokenizer.length,
         )
-        with _ready_sink(out_dir, plan, options) as sink:
+        with _ready_sink(out_dir, plan, options, [inst_ck.folder]) as sink:
             weights, tensor_stats = stream_into(
                 sink,
                 plan,
@@ -365,6 +372,7 @@ def apply_residuals(
             scale=scale,
             license=res_cfg.license,
             language=res_cfg.language,
+            tokenizer_folders=[res_ck.folder],
             before_publish=res_check.wait,
         )
     finally:
@@ -428,6 +436,7 @@ def merge_models(
             scale=scale,
             license=None,
             language=None,
+            tokenizer_folders=[inst_ck.folder],
         )
     finally:
         _close_all(*opened)
@@ -448,9 +457,10 @@ def _merge_into(
     scale: float,
     license: str | None,
     language: str | list[str] | None,
+    tokenizer_folders: list[Path],
     before_publish: Callable[[], None] | None = None,
 ) -> Result:
-    with _ready_sink(out_dir, plan, options) as sink:
+    with _ready_sink(out_dir, plan, options, [target.folder, *tokenizer_folders]) as sink:
         weights, tensor_stats = stream_into(sink, plan, combine, options, inputs=inputs, reference_operand=0)
         result = write_model_files(
             sink.path,

@@ -27,7 +27,7 @@ from .errors import ResidualsError
 from .options import Options, work_dir
 
 UPLOAD_SLOTS = 2  # shards on local disk at once with a Hub sink: one being written, one uploading
-DISK_MARGIN_BYTES = 64 * 1024 * 1024  # config, tokenizer, manifest, card and the file system's own
+DISK_MARGIN_BYTES = 1024 * 1024  # config, manifest, card and the file system's own, beyond the tokenizer
 
 
 class Sink:
@@ -39,8 +39,8 @@ class Sink:
     def before_shard(self) -> None:
         """Called before a new weight file is opened: may wait until there is room for it."""
 
-    def shard_done(self, path: Path) -> None:
-        """Called (from the writer's thread) when a weight file is complete and closed."""
+    def shard_done(self, path: Path, checksums: dict) -> None:
+        """Called (from the writer's thread) when a weight file is complete and closed, with its checksums."""
 
     def disk_needed(self, shard_sizes: list[int]) -> tuple[Path, int]:
         """(folder, bytes) of local disk this sink needs for weight files of these sizes."""
@@ -70,23 +70,27 @@ def open_sink(out_dir: str | os.PathLike | None, options: Options, *, card_name:
     return FolderSink(out_dir, overwrite=options.overwrite, fsync=options.fsync)
 
 
-def check_disk(sink: Sink, shard_sizes: list[int]) -> None:
-    """Refuse up front, with the numbers, when the sink's local disk cannot hold what it needs."""
+def check_disk(sink: Sink, shard_sizes: list[int], small_files: int = 0) -> None:
+    """Refuse up front, with the numbers, when the sink's local disk cannot hold what it needs.
+
+    `small_files`: bytes of the tokenizer and other files the result copies besides its weights.
+    """
     folder, needed = sink.disk_needed(shard_sizes)
+    small = small_files + DISK_MARGIN_BYTES
     probe = folder.absolute()
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if needed + DISK_MARGIN_BYTES <= free:
+    if needed + small <= free:
         return
     if isinstance(sink, HubRepoSink):
         raise ResidualsError(
             f"Not enough free disk at {probe}: pushing to the Hub keeps up to two output shards here at a time, "
-            f"{_size(needed)} with these shards (+{_size(DISK_MARGIN_BYTES)} for small files), and {_size(free)} are free.",
+            f"{_size(needed)} with these shards (+{_size(small)} for small files), and {_size(free)} are free.",
             "Use a smaller --max-shard-size (e.g. 1GB), free some space, or point TMPDIR (work_dir=) at a larger disk.",
         )
     raise ResidualsError(
-        f"Not enough free disk at {probe}: the output needs about {_size(needed + DISK_MARGIN_BYTES)}, "
+        f"Not enough free disk at {probe}: the output needs about {_size(needed + small)}, "
         f"{_size(free)} are free.",
         "Free some space, choose an output folder on a larger disk, or push straight to the Hub with --push-to.",
     )
@@ -189,12 +193,11 @@ class HubRepoSink(Sink):
         self.repo_id = repo_id
         self.location = repo_id
         self.path = Path()  # set on enter
-        self.uploaded: list[str] = []  # shards sent to the Hub by this run (not those it already held)
         self._api = None
         self._created = False
         self._operations: list = []
         self._slots = threading.Semaphore(UPLOAD_SLOTS)
-        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Path, str] | None] = queue.Queue()
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -227,19 +230,20 @@ class HubRepoSink(Sink):
             self._check_uploads()
         self._check_uploads()
 
-    def shard_done(self, path: Path) -> None:
-        self._queue.put(path)
+    def shard_done(self, path: Path, checksums: dict) -> None:
+        self._queue.put((path, checksums["sha256"]))
 
     def _upload_shards(self) -> None:
         from huggingface_hub import CommitOperationAdd
 
-        while (path := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            path, sha256 = item
             try:
                 if self._failure is None:
                     operation = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+                    operation.upload_info.sha256 = bytes.fromhex(sha256)  # known from writing: not read again
+                    # already on the Hub (a rerun): the LFS batch answer says so and nothing is sent
                     self._api.preupload_lfs_files(self.repo_id, additions=[operation])
-                    if operation._is_uploaded:
-                        self.uploaded.append(path.name)
                     self._operations.append(operation)
             except BaseException as exc:
                 self._failure = self._failure or exc

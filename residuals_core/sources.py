@@ -24,6 +24,7 @@ import xxhash
 from .errors import ResidualsError
 
 CHUNK_BYTES = 1024 * 1024  # the stream's unit: hashed, queued and (when read again) verified per chunk
+RECEIVE_BYTES = 64 * 1024  # what one socket read hands over: a cut loses at most this much
 DEFAULT_READ_AHEAD_BYTES = 32 * 1024 * 1024
 RETRIES = 8  # consecutive failed attempts before a Hub read gives up (progress resets the count)
 FIRST_RETRY_WAIT_S = 0.5
@@ -309,18 +310,25 @@ class _Stream:
                         raise ResidualsError(
                             f"{file.label}: the Hub ignored a ranged read.", "Try again later."
                         )
-                    for data in response.iter_bytes(CHUNK_BYTES):
-                        received += len(data)
-                        pending += data
-                        while len(pending) >= CHUNK_BYTES:
-                            if not self._emit(bytes(pending[:CHUNK_BYTES])):
+                    # a cut inside the body is handled here, not thrown into the backoff helper (which
+                    # retries only until the response starts): resume from the byte it stopped at
+                    cut: Exception | None = None
+                    try:
+                        for data in response.iter_bytes(RECEIVE_BYTES):
+                            received += len(data)
+                            pending += data
+                            while len(pending) >= CHUNK_BYTES:
+                                if not self._emit(bytes(pending[:CHUNK_BYTES])):
+                                    return
+                                del pending[:CHUNK_BYTES]
+                                position += CHUNK_BYTES
+                            if self._stop.is_set():
                                 return
-                            del pending[:CHUNK_BYTES]
-                            position += CHUNK_BYTES
-                        if self._stop.is_set():
-                            return
-                        if received:
                             failures, wait = 0, FIRST_RETRY_WAIT_S  # progress: a later cut starts over
+                    except httpx2.TransportError as exc:
+                        cut = exc
+                if cut is not None:
+                    raise cut
             except (httpx2.TransportError, _RetryableRead) as exc:
                 failures += 1
                 HUB_READS.add(retries=1)

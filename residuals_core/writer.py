@@ -125,7 +125,7 @@ class ShardWriter:
         direct_io: bool = True,
         fsync: bool = False,
         before_shard: Callable[[], None] | None = None,
-        shard_done: Callable[[Path], None] | None = None,
+        shard_done: Callable[[Path, dict], None] | None = None,
     ):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -332,10 +332,13 @@ class ShardWriter:
                 if self._failure is None:
                     self._write_block(file, block, length, last)
                     if last:
-                        self.manifest[file.path.name] = {**file.checksums.hexdigests(), "size": file.size}
+                        entry = self.manifest[file.path.name] = {
+                            **file.checksums.hexdigests(),
+                            "size": file.size,
+                        }
                         file.close()
                         if self._shard_done is not None:
-                            self._shard_done(file.path)
+                            self._shard_done(file.path, entry)
             except BaseException as exc:
                 self._failure = self._failure or exc
             finally:

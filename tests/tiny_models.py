@@ -60,7 +60,7 @@ def build_tokenizer(extra_tokens: list[str] | None = None, vocab_size: int = 300
     return fast
 
 
-def model_config(arch: str, vocab_size: int):
+def model_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if arch == "gpt2":
@@ -74,9 +74,9 @@ def model_config(arch: str, vocab_size: int):
             eos_token_id=2,
         )
     common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,
@@ -92,11 +92,11 @@ def model_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def make_model(arch: str, vocab_size: int, seed: int):
+def make_model(arch: str, vocab_size: int, seed: int, **size):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(arch, vocab_size))
+    model = AutoModelForCausalLM.from_config(model_config(arch, vocab_size, **size))
     with torch.no_grad():
         for p in model.parameters():  # norms default to ones and biases to zeros: give them structure
             p.add_(torch.randn_like(p) * 0.02)
@@ -119,12 +119,23 @@ def save(model, tokenizer, folder: Path, dtype: torch.dtype = torch.float32, **k
     return folder
 
 
-def make_family(root: Path, arch: str, *, added_tokens: int = 0, dtype=torch.float32, **save_kwargs) -> dict:
-    """base, instruct (base + noise, optionally with added tokens) and target (base + other noise)."""
+def make_family(
+    root: Path,
+    arch: str,
+    *,
+    added_tokens: int = 0,
+    dtype=torch.float32,
+    size: dict | None = None,
+    **save_kwargs,
+) -> dict:
+    """base, instruct (base + noise, optionally with added tokens) and target (base + other noise).
+
+    `size` ({"hidden": .., "layers": ..}) makes larger models, e.g. to outgrow a small disk.
+    """
     root = Path(root)
     base_tok = build_tokenizer()
     vocab = len(base_tok)
-    base = make_model(arch, vocab, seed=1)
+    base = make_model(arch, vocab, seed=1, **(size or {}))
     inst_tok = base_tok
     instruct = base
     if added_tokens:
