@@ -99,7 +99,7 @@ def _gpu_seconds(*args, **kwargs) -> int:
 
 @contextlib.contextmanager
 def job_cache(workspace: dict[str, Any]):
-    """Hub downloads of one job go to a cache inside the session folder, deleted when the job ends."""
+    """A job's Hub small files (configs, tokenizers; weights stream) go inside the session folder, deleted after."""
     cache = Path(workspace["dir"]) / "hub-cache"
     try:
         yield cache
@@ -334,7 +334,7 @@ def inspect(source: str, path: str, compare: str, token: str | None, workspace: 
     cosine = pd.DataFrame(columns=["layer", "cosine"])
     if compare.strip():
         other = operations.inspect_residuals(compare.strip(), token=_token(token))
-        rows = operations.compare_residuals(report["folder"], other["folder"])
+        rows = operations.compare_residuals(target, compare.strip(), token=_token(token))
         cosine = pd.DataFrame(rows, columns=["layer", "cosine"]).fillna(0.0)
         mean = cosine["cosine"].mean() if len(cosine) else 0.0
         summary += f"\n\nCompared with `{compare.strip()}`: mean per-layer cosine similarity **{mean:.3f}**."

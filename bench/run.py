@@ -2,6 +2,7 @@
 
     python bench/run.py                       # ~0.25B and ~1B Llama pairs, bf16, sharded
     python bench/run.py --sizes 0.05 --repeat 1
+    python bench/run.py --hub --sizes 1.0 --link 200MB   # Hub ids in, --push-to out, over a limited link
 
 For each size it generates a synthetic family outside the repo (random seeded weights: base,
 instruct = base + noise, target = base + other noise), runs every tool as its own process while
@@ -42,16 +43,31 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def measure(cmd: list[str]) -> dict[str, float]:
-    """Wall time, peak RSS (VmHWM) and peak anonymous RSS (sampled every 20 ms) of one process."""
+def _tree_bytes(folder: Path) -> int:
+    """Bytes allocated on disk by the files under `folder` (what a disk quota would count)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def measure(cmd: list[str], env: dict | None = None, disk: Path | None = None) -> dict[str, float]:
+    """Wall time, peak RSS (VmHWM) and peak anonymous RSS (sampled every 20 ms) of one process;
+    with `disk`, also the high-water mark of the bytes stored under that folder."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peaks = {"rss": 0, "anon": 0}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    peaks = {"rss": 0, "anon": 0, "disk": 0}
 
     def poll() -> None:
         while proc.poll() is None:
             peaks["rss"] = max(peaks["rss"], _status_kib(proc.pid, "VmHWM"))
             peaks["anon"] = max(peaks["anon"], _status_kib(proc.pid, "RssAnon"))
+            if disk is not None:
+                peaks["disk"] = max(peaks["disk"], _tree_bytes(disk))
             time.sleep(0.02)
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -61,7 +77,10 @@ def measure(cmd: list[str]) -> dict[str, float]:
     thread.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output.decode()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_gib": peaks["rss"] / 2**20, "peak_anon_gib": peaks["anon"] / 2**20}
+    result = {"wall_s": wall, "peak_rss_gib": peaks["rss"] / 2**20, "peak_anon_gib": peaks["anon"] / 2**20}
+    if disk is not None:
+        result["disk_gib"] = peaks["disk"] / 2**30
+    return result
 
 
 # ---- the synthetic family ----------------------------------------------------------------------------------
@@ -177,6 +196,233 @@ def max_difference(a: Path, b: Path) -> dict[str, float]:
     return {"max_abs_diff": worst, "elements_off": off, "fraction_off": off / max(total, 1)}
 
 
+# ---- Hub mode: Hub ids in, a Hub repo out, over a bandwidth-limited link ---------------------------------------
+HUB_TOKEN = "hf_bench_write"
+HUB_USER = "bench"
+SEED_HUB = r"""
+import sys
+from huggingface_hub import HfApi
+api = HfApi()
+for folder, repo in zip(sys.argv[1::2], sys.argv[2::2]):
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=folder)
+"""
+DOWNLOAD = r"""
+import sys
+from huggingface_hub import snapshot_download
+for repo, folder in zip(sys.argv[1::2], sys.argv[2::2]):
+    snapshot_download(repo, local_dir=folder)
+"""
+UPLOAD = r"""
+import sys
+from huggingface_hub import HfApi
+HfApi().create_repo(sys.argv[2], exist_ok=True)
+HfApi().upload_folder(repo_id=sys.argv[2], folder_path=sys.argv[1])
+"""
+
+
+class BenchHub:
+    """The project's test Hub (tests/hub_server.py) in a process of its own, with a settable link."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [PYTHON, str(ROOT / "tests" / "hub_server.py"), str(root), "--token", f"{HUB_TOKEN}:{HUB_USER}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.url = self.proc.stdout.readline().strip()
+        self.env = {
+            **os.environ,
+            "HF_ENDPOINT": self.url,
+            "HF_TOKEN": HUB_TOKEN,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+
+    def _call(self, path: str, payload: dict | None = None):
+        import urllib.request
+
+        data = json.dumps(payload).encode() if payload is not None else None
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data)) as response:
+            return json.loads(response.read())
+
+    def set_link(self, bytes_per_s: float | None) -> None:
+        self._call("/_admin/link", {"bytes_per_s": bytes_per_s or 0})
+
+    def log(self) -> list[dict]:
+        return self._call("/_admin/log")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _traffic(entries: list[dict]) -> dict[str, int]:
+    down = sum(e["bytes"] for e in entries if e["method"] == "GET" and "/resolve/" in e["path"])
+    up = sum(e["bytes"] for e in entries if e["method"] == "PUT")
+    return {"bytes_down": down, "bytes_up": up}
+
+
+def bench_hub(
+    size: float, folder: Path, repeat: int, mergekit_cli: str | None, link: float, max_shard_size: str
+) -> dict:
+    """ours: Hub→Hub merge (--push-to) against download → merge → upload, on one simulated link."""
+    params = None if (folder / "target" / "config.json").exists() else make_family(folder, size)
+    hub = BenchHub(folder / "hub")
+    try:
+        repos = {role: f"{HUB_USER}/{role}" for role in ("base", "instruct", "target")}
+        seed = [PYTHON, "-c", SEED_HUB]
+        for role, repo in repos.items():
+            seed += [str(folder / role), repo]
+        subprocess.run(seed, check=True, env=hub.env, capture_output=True)
+        hub.set_link(link)
+        runs: dict[str, list[dict]] = {}
+        traffic: dict[str, dict] = {}
+
+        def timed(name: str, steps: list[tuple[list[str], Path | None]], scratch: Path) -> None:
+            """One run of a path: its steps in turn (walls add up; peaks and disk are the maxima)."""
+            for attempt in range(repeat):
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir(parents=True)
+                env = {**hub.env, "TMPDIR": str(scratch), "HF_HOME": str(scratch / "hf")}
+                before = len(hub.log())
+                parts = [
+                    measure([c.replace("{n}", str(attempt)) for c in cmd], env, disk=scratch)
+                    for cmd, _ in steps
+                ]
+                run = {
+                    "wall_s": sum(p["wall_s"] for p in parts),
+                    "peak_rss_gib": max(p["peak_rss_gib"] for p in parts),
+                    "peak_anon_gib": max(p["peak_anon_gib"] for p in parts),
+                    "disk_gib": max(p["disk_gib"] for p in parts),
+                    "steps_s": [round(p["wall_s"], 2) for p in parts],
+                }
+                traffic[name] = _traffic(hub.log()[before:])
+                runs.setdefault(name, []).append(run)
+                print(f"  {size}B hub {name}: {run} {traffic[name]}", flush=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+        cli = [PYTHON, "-m", "residuals_core"]
+        scratch = folder / "scratch"
+        timed(
+            "ours merge, Hub ids → --push-to",
+            [
+                (
+                    [*cli, "merge", "--base", repos["base"], "--instruct", repos["instruct"],
+                     "--target", repos["target"], "--push-to", f"{HUB_USER}/ours-merged-{{n}}",
+                     "--max-shard-size", max_shard_size, "--quiet"],
+                    None,
+                )
+            ],
+            scratch,
+        )  # fmt: skip
+        local = scratch / "models"
+        download = [PYTHON, "-c", DOWNLOAD]
+        for role, repo in repos.items():
+            download += [repo, str(local / role)]
+        if mergekit_cli:
+            config = folder / "mergekit-hub.yml"
+            config.write_text(mergekit_config(local / "base", local / "instruct", local / "target"))
+            timed(
+                "mergekit: download → merge → upload",
+                [
+                    (download, None),
+                    (
+                        [
+                            mergekit_cli,
+                            str(config),
+                            str(scratch / "out"),
+                            "--lazy-unpickle",
+                            "--copy-tokenizer",
+                        ],
+                        None,
+                    ),
+                    ([PYTHON, "-c", UPLOAD, str(scratch / "out"), f"{HUB_USER}/mergekit-merged-{{n}}"], None),
+                ],
+                scratch,
+            )
+        timed(
+            "ours: download → merge → upload",
+            [
+                (download, None),
+                (
+                    [*cli, "merge", "--base", str(local / "base"), "--instruct", str(local / "instruct"),
+                     "--target", str(local / "target"), "--out", str(scratch / "out"),
+                     "--max-shard-size", max_shard_size, "--quiet"],
+                    None,
+                ),
+                ([PYTHON, "-c", UPLOAD, str(scratch / "out"), f"{HUB_USER}/local-merged-{{n}}"], None),
+            ],
+            scratch,
+        )  # fmt: skip
+        hub.set_link(None)
+        checks = {}
+        pulled = folder / "pulled"
+        shutil.rmtree(pulled, ignore_errors=True)
+        fetch = [PYTHON, "-c", DOWNLOAD, f"{HUB_USER}/ours-merged-0", str(pulled / "ours")]
+        fetch += [f"{HUB_USER}/local-merged-0", str(pulled / "local")]
+        if mergekit_cli:
+            fetch += [f"{HUB_USER}/mergekit-merged-0", str(pulled / "mergekit")]
+        subprocess.run(fetch, check=True, env=hub.env, capture_output=True)
+        checks["Hub→Hub == local-folder merge"] = max_difference(pulled / "ours", pulled / "local")
+        if mergekit_cli:
+            checks["mergekit vs ours"] = max_difference(pulled / "mergekit", pulled / "ours")
+        shutil.rmtree(pulled, ignore_errors=True)
+    finally:
+        hub.close()
+    medians = {
+        name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "steps_s"}
+        for name, rs in runs.items()
+    }
+    for name, rs in runs.items():
+        medians[name]["steps_s"] = rs[len(rs) // 2]["steps_s"]
+    ours = traffic["ours merge, Hub ids → --push-to"]
+    floor = max(ours["bytes_down"], ours["bytes_up"]) / link
+    return {
+        "parameters": params,
+        "link_bytes_per_s": link,
+        "max_shard_size": max_shard_size,
+        "traffic": traffic,
+        "link_floor_s": floor,
+        "medians": medians,
+        "runs": runs,
+        "checks": checks,
+    }
+
+
+def hub_markdown(size: str, data: dict) -> list[str]:
+    m = data["medians"]
+    link = data["link_bytes_per_s"]
+    lines = [
+        f"### Hub mode, ~{size}B parameters, link {link / 1e6:.0f} MB/s each way, --max-shard-size {data['max_shard_size']}",
+        "",
+        "| path | wall (s) | × link floor | peak RSS (GiB) | local disk high-water (GiB) | GB down / up |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in m.items():
+        t = data["traffic"][name]
+        lines.append(
+            f"| {name} | {v['wall_s']:.1f} | {v['wall_s'] / data['link_floor_s']:.2f} | {v['peak_rss_gib']:.2f} | "
+            f"{v['disk_gib']:.2f} | {t['bytes_down'] / 1e9:.2f} / {t['bytes_up'] / 1e9:.2f} |"
+        )
+    ours = m["ours merge, Hub ids → --push-to"]
+    lines += ["", f"- link floor (max(bytes down, bytes up) ÷ link): {data['link_floor_s']:.1f} s"]
+    for other in ("mergekit: download → merge → upload", "ours: download → merge → upload"):
+        if other in m:
+            lines.append(
+                f"- Hub→Hub is {m[other]['wall_s'] / ours['wall_s']:.2f}× faster than {other} "
+                f"(its steps: {', '.join(f'{s:.1f} s' for s in m[other]['steps_s'])}) and needs "
+                f"{m[other]['disk_gib'] / max(ours['disk_gib'], 1e-9):.0f}× less local disk"
+            )
+    lines += [
+        f"- check {k}: {v['elements_off']} elements differ (max |Δ| {v['max_abs_diff']:.3g})"
+        for k, v in data["checks"].items()
+    ]
+    return [*lines, ""]
+
+
 # ---- main --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -189,6 +435,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--skip", nargs="*", default=[], help="tools to leave out: residuals, mergekit")
     parser.add_argument("--report-only", action="store_true", help="re-render results.md from results.json")
+    parser.add_argument(
+        "--hub",
+        action="store_true",
+        help="Hub mode: the family served by the test Hub over a limited link, Hub ids in and --push-to out, "
+        "against download → merge → upload",
+    )
+    parser.add_argument("--link", default="200MB", help="Hub mode: link bandwidth each way, per second")
+    parser.add_argument("--max-shard-size", default="500MB", help="Hub mode: output shard size")
     args = parser.parse_args(argv)
     if args.report_only:
         report = json.loads((RESULTS / "results.json").read_text())
@@ -196,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         print(to_markdown(report))
         return
 
-    upstream = venv("residuals", ["residuals==0.3.2"]) if "residuals" not in args.skip else None
+    upstream = venv("residuals", ["residuals==0.3.2"]) if "residuals" not in args.skip and not args.hub else None
     mergekit = venv("mergekit", ["mergekit==0.1.5"]) if "mergekit" not in args.skip else None
     mergekit_cli = str(Path(mergekit).parent / "mergekit-yaml") if mergekit else None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="residuals-bench-"))
@@ -207,14 +461,28 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "sizes": {},
     }
+    name = "results"
     for size in args.sizes:
-        report["sizes"][str(size)] = bench_size(
-            size, work / f"family-{size}", args.repeat, upstream, mergekit_cli
-        )
+        if args.hub:
+            from residuals_core.options import parse_size
+
+            name = "hub-results"
+            report["sizes"][str(size)] = bench_hub(
+                size,
+                work / f"family-{size}",
+                args.repeat,
+                mergekit_cli,
+                parse_size(args.link),
+                args.max_shard_size,
+            )
+        else:
+            report["sizes"][str(size)] = bench_size(
+                size, work / f"family-{size}", args.repeat, upstream, mergekit_cli
+            )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "results.md").write_text(to_markdown(report))
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.md").write_text(to_markdown(report))
     print(to_markdown(report))
 
 
@@ -276,6 +544,9 @@ def bench_size(
 def to_markdown(report: dict) -> str:
     lines = [f"Benchmark of {report['date']} on {report['machine']}: `{report['command']}`", ""]
     for size, data in report["sizes"].items():
+        if "link_bytes_per_s" in data:
+            lines += hub_markdown(size, data)
+            continue
         m = data["medians"]
         lines += [
             f"### ~{size}B parameters",
