@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import ResidualsError
 from .options import Options, work_dir
 
-UPLOAD_SLOTS = 2  # shards on local disk at once with a Hub sink: one being written, one uploading
+UPLOAD_SLOTS = 2  # shards on local disk at once with a Hub sink (being written or uploading)
 DISK_MARGIN_BYTES = 1024 * 1024  # config, manifest, card and the file system's own, beyond the tokenizer
 
 
@@ -199,7 +199,7 @@ class HubRepoSink(Sink):
         self._slots = threading.Semaphore(UPLOAD_SLOTS)
         self._queue: queue.Queue[tuple[Path, str] | None] = queue.Queue()
         self._failure: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def disk_needed(self, shard_sizes: list[int]) -> tuple[Path, int]:
         pairs = [a + b for a, b in itertools.pairwise(shard_sizes)]
@@ -220,8 +220,13 @@ class HubRepoSink(Sink):
         folder = work_dir(self.options)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=".residuals-push-", dir=folder))
-        self._thread = threading.Thread(target=self._upload_shards, name="hub-upload", daemon=True)
-        self._thread.start()
+        # one uploader per slot: the last two shards go up side by side, which shortens the tail
+        self._threads = [
+            threading.Thread(target=self._upload_shards, name=f"hub-upload-{i}", daemon=True)
+            for i in range(UPLOAD_SLOTS)
+        ]
+        for thread in self._threads:
+            thread.start()
         return self
 
     # ---- the writer's hooks ----------------------------------------------------------------------
@@ -261,9 +266,10 @@ class HubRepoSink(Sink):
 
     # ---- publishing -------------------------------------------------------------------------------
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         try:
             if exc_type is not None:
                 self._discard()

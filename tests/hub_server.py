@@ -34,7 +34,13 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 class Link:
-    """A full-duplex line of `bytes_per_s` each way, shared by every connection (token buckets)."""
+    """A full-duplex line of `bytes_per_s` each way, shared by every connection (token buckets).
+
+    A bucket holds at most BURST bytes of credit, so time a sender spends between chunks (reading
+    its file, hashing) counts as line time, as on a real line, instead of slowing the rate.
+    """
+
+    BURST = 1024 * 1024
 
     def __init__(self, bytes_per_s: float | None = None):
         self.bytes_per_s = bytes_per_s
@@ -46,7 +52,7 @@ class Link:
             return
         with self._locks[direction]:
             now = time.monotonic()
-            start = max(now, self._next[direction])
+            start = max(now - self.BURST / self.bytes_per_s, self._next[direction])
             self._next[direction] = start + count / self.bytes_per_s
             wait = self._next[direction] - now
         if wait > 0:
