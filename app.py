@@ -333,7 +333,6 @@ def inspect(source: str, path: str, compare: str, token: str | None, workspace: 
     )
     cosine = pd.DataFrame(columns=["layer", "cosine"])
     if compare.strip():
-        other = operations.inspect_residuals(compare.strip(), token=_token(token))
         rows = operations.compare_residuals(target, compare.strip(), token=_token(token))
         cosine = pd.DataFrame(rows, columns=["layer", "cosine"]).fillna(0.0)
         mean = cosine["cosine"].mean() if len(cosine) else 0.0
