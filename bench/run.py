@@ -450,7 +450,9 @@ def main(argv: list[str] | None = None) -> None:
         print(to_markdown(report))
         return
 
-    upstream = venv("residuals", ["residuals==0.3.2"]) if "residuals" not in args.skip and not args.hub else None
+    upstream = (
+        venv("residuals", ["residuals==0.3.2"]) if "residuals" not in args.skip and not args.hub else None
+    )
     mergekit = venv("mergekit", ["mergekit==0.1.5"]) if "mergekit" not in args.skip else None
     mergekit_cli = str(Path(mergekit).parent / "mergekit-yaml") if mergekit else None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="residuals-bench-"))
