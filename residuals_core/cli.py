@@ -87,6 +87,13 @@ def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
             action="store_true",
             help="flush the output to disk before renaming it into place (survives a power loss; slower)",
         )
+        p.add_argument(
+            "--no-direct-io",
+            dest="direct_io",
+            action="store_false",
+            help="write weight files through the page cache instead of with O_DIRECT (e.g. on a network "
+            "mount where direct writes are slow)",
+        )
     p.add_argument(
         "--token", default=None, help="Hugging Face token for gated/private models (default: HF_TOKEN)"
     )
@@ -175,6 +182,7 @@ def _options(args: argparse.Namespace, progress: _TqdmProgress) -> Options:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         fsync=args.fsync,
+        direct_io=args.direct_io,
         token=args.token,
         allow_pickle=args.allow_pickle,
         push_to=args.push_to,

@@ -117,6 +117,7 @@ class Residuals:
         self._temp_holder: Any = None  # keeps a temporary folder alive while this object lives
         self._checkpoint: Checkpoint | None = None  # file-backed residuals, local or on the Hub
         self._read_token: str | None = None  # the token they were opened with (a private Hub repo)
+        self._verified = False  # a Hub checkpoint's files checked whole (for out-of-order reads)
 
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
@@ -315,7 +316,13 @@ class Residuals:
             return self._memory
         self._materialize()
         device, dtype = self._cast
-        return LazyStateDict(self._source(), device=device, dtype=dtype)
+        source = self._source()
+        if isinstance(source, Checkpoint) and source.remote and not self._verified:
+            # tensors are read out of file order here: check each Hub file whole first (sha256)
+            for reader in source.readers.values():
+                reader.verify()
+            self._verified = True
+        return LazyStateDict(source, device=device, dtype=dtype)
 
     @property
     def instruct_tokenizer(self):

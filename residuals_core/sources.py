@@ -178,8 +178,10 @@ class HubFile(ByteReader):
             return self._recent[1]
         if self._stream is None:
             self._stream = _Stream(self, self._read_ahead_chunks)
-        if self._held is None or index > self._held[0]:
-            while self._held is None or self._held[0] < index:
+        if (
+            index >= self._stream.taken
+        ):  # ahead of the stream: take chunks up to it (skipped ones still hashed)
+            while self._stream.taken <= index:
                 self._held = (self._stream.taken, self._stream.take())
             return self._held[1]
         return self._fetch_again(index)
@@ -197,6 +199,16 @@ class HubFile(ByteReader):
         return data
 
     # ---- checking and closing ----------------------------------------------------------------------
+    def verify(self) -> None:
+        """Stream the whole file once and check its sha256 now, before any of it is used.
+
+        For readers that jump around (a model instance updated tensor by tensor): later reads are
+        then fetched by range and checked against the verified stream's chunk digests.
+        """
+        if self._stream is None:
+            self._stream = _Stream(self, self._read_ahead_chunks)
+        self.finish()
+
     def finish(self) -> None:
         if self._stream is None:
             return  # nothing of this file was used

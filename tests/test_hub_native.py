@@ -377,3 +377,27 @@ def test_giant_tensors_from_the_hub_stay_under_the_hub_memory_bound(hub, giant_p
     )  # fmt: skip
     assert peak <= 1.0, f"peak RSS {peak:.2f} GiB"
     assert "alice/giant-res" in hub.repos
+
+
+def test_hub_residuals_applied_to_an_instance_are_checked_first(hub, families, tmp_path):
+    """In memory, tensors are read out of file order: each Hub file is verified whole before use."""
+    fam = families("llama")
+    compute_residuals(fam["base"], fam["instruct"], push_to="alice/res-for-instance", token=ALICE)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.float32)
+    Residuals.from_pretrained("alice/res-for-instance", token=ALICE).apply(model)
+    expected = load_state(fam["instruct"])
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items() if k in expected)
+    hub.corrupt["alice/res-for-instance/model.safetensors"] = 5000
+    try:
+        untouched = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.float32)
+        with pytest.raises(ResidualsError, match=r"alice/res-for-instance/model\.safetensors.*sha256"):
+            Residuals.from_pretrained("alice/res-for-instance", token=ALICE).apply(untouched)
+    finally:
+        hub.corrupt.clear()
+    assert all(
+        torch.equal(v, load_state(fam["base"])[k])
+        for k, v in untouched.state_dict().items()
+        if k != "lm_head.weight"
+    )
