@@ -83,6 +83,19 @@ def open_model(
     return checkpoint
 
 
+def open_models(models: list[tuple[Any, str]], options: Options) -> list[Checkpoint]:
+    """Several inputs opened side by side (each a few Hub round trips); all closed again if one fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(models))) as pool:
+        futures = [pool.submit(open_model, model, role=role, options=options) for model, role in models]
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    if failures:
+        _close_all(*(f.result() for f in futures if f.exception() is None))
+        raise failures[0]
+    return [f.result() for f in futures]
+
+
 def open_residuals(
     name_or_path: str | os.PathLike,
     *,
@@ -276,8 +289,7 @@ def compute_residuals(
     options = make_options(options, option_overrides)
     arithmetic.check_device(options.device)  # before any Hub request
     storage = _float_dtype(dtype)
-    base_ck = open_model(base, role="base", options=options)
-    inst_ck = open_model(instruct, role="instruct", options=options)
+    base_ck, inst_ck = open_models([(base, "base"), (instruct, "instruct")], options)
     try:
         tokenizer = instruct_tokenizer_choice(inst_ck, instruct_tokenizer, instruct_tokenizer_name)
         plan = plan_difference(
@@ -400,10 +412,8 @@ def merge_models(
     options = make_options(options, option_overrides)
     arithmetic.check_device(options.device)
     out_dtype = _float_dtype(dtype)
-    opened: list[Checkpoint] = []
+    opened = open_models([(target, "target"), (base, "base"), (instruct, "instruct")], options)
     try:
-        for model, role in ((target, "target"), (base, "base"), (instruct, "instruct")):
-            opened.append(open_model(model, role=role, options=options))
         target_ck, base_ck, inst_ck = opened
         if instruct_tokenizer is not None or instruct_tokenizer_name is not None:
             tokenizer = instruct_tokenizer_choice(inst_ck, instruct_tokenizer, instruct_tokenizer_name)
@@ -514,11 +524,9 @@ def check_compatibility(
     """
     storage = _float_dtype(dtype)
     options = Options(token=token, cache_dir=cache_dir)
-    opened: list[Checkpoint] = []
+    roles = [(base, "base"), (instruct, "instruct"), (target, "target")]
+    opened = open_models([(m, r) for m, r in roles if m is not None], options)
     try:
-        for model, role in ((base, "base"), (instruct, "instruct"), (target, "target")):
-            if model is not None:
-                opened.append(open_model(model, role=role, options=options))
         base_ck, inst_ck = opened[:2]
         tok_len = instruct_tokenizer_choice(inst_ck).length
         plan = plan_difference(
