@@ -149,10 +149,6 @@ class FolderSink(Sink):
             shutil.rmtree(old, ignore_errors=True)
 
 
-# kept under its old name: code written against the first releases builds folders with it
-AtomicFolder = FolderSink
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
