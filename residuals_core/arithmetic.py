@@ -27,6 +27,7 @@ from .errors import ResidualsError
 DEFAULT_PIECE_BYTES = 2 * 1024 * 1024
 DEVICE_PIECE_BYTES = 8 * 1024 * 1024
 TIED_OUTPUT_NAMES = ("lm_head.weight",)
+MAX_VOCAB_GROWTH = 2  # a tokenizer that needs more than twice the model's rows is corrupt, not extended
 
 Progress = Callable[[int, int, str], None]
 
@@ -39,6 +40,12 @@ class OutputTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     operands: list[tuple[TensorSource, str]]  # (source, tensor name) per operand
+    # operand slot -> slot whose values stand in for its missing vocabulary rows (else zeros)
+    fills: dict[int, int] = field(default_factory=dict)
+
+    def fill_for(self, slot: int) -> tuple[TensorSource, str] | None:
+        other = self.fills.get(slot)
+        return None if other is None else self.operands[other]
 
     @property
     def info(self) -> TensorInfo:
@@ -99,15 +106,23 @@ def plan_tensors(
     min_vocab_rows: int | None = None,
     optional_extra: Callable[[str, str], bool] = lambda role, name: False,
     mismatch_hint: str = "",
+    pad_from: dict[str, str] | None = None,
+    tokenizer_label: str = "the tokenizer",
 ) -> Plan:
     """Match tensors across inputs by name and shape; decide padding of vocabulary rows.
 
     `roles` is [(role name, source)], the first being the one whose names define the output.
-    A tensor whose first dimension differs between inputs (vocabulary rows) is padded with zero
-    rows up to the largest, when `normalize_embeddings`; nothing is ever shrunk. Tensors whose
-    first dimension equals a model's vocabulary size also grow to `min_vocab_rows` (the
-    tokenizer's length) when that is larger, as `resize_token_embeddings` would.
+    A tensor whose first dimension differs between inputs (vocabulary rows) is padded up to the
+    largest, when `normalize_embeddings`; nothing is ever shrunk. Missing rows count as zeros,
+    except for a role in `pad_from` ({"instruct": "base"}), whose missing rows are read from the
+    other role: a token the instruct model lacks then gets a zero difference, instead of one
+    that would wipe that token's row (−θ_base) when applied. Tensors whose first dimension
+    equals a model's vocabulary size also grow to `min_vocab_rows` (the tokenizer's length) when
+    that is larger, as `resize_token_embeddings` would. The plan's notes say which rows were
+    filled how.
     """
+    pad_from = pad_from or {}
+    slot_of = {role: i for i, (role, _) in enumerate(roles)}
     first_role, first = roles[0]
     names = list(first.tensors)
     problems_missing: list[str] = []
@@ -122,6 +137,21 @@ def plan_tensors(
                 parts.append(f"only in {role}: {_name_list(extra)}")
             problems_missing.append(f"{first_role} vs {role} — " + "; ".join(parts))
     if problems_missing:
+        strays = [
+            f"{source.label} holds weight files its index does not list ({_name_list(source.unindexed, 3)})"
+            for _, source in roles
+            if getattr(source, "unindexed", None)
+        ]
+        if strays:
+            raise ResidualsError(
+                "The models do not have the same tensors: "
+                + " | ".join(problems_missing)
+                + ". "
+                + "; ".join(strays)
+                + ".",
+                "The index (model.safetensors.index.json) is stale or those files are strays: regenerate the "
+                "index so it names every shard, or remove the stray files, then run again.",
+            )
         raise ResidualsError(
             "The models do not have the same tensors: " + " | ".join(problems_missing) + ".",
             "They are not the same architecture. Use models of one family and size "
@@ -133,13 +163,17 @@ def plan_tensors(
     row_mismatches: list[str] = []
     other_mismatches: list[str] = []
     vocab_rows: set[int] = set()
+    rows_by_role: dict[str, int] = {}
+    overgrown: tuple[str, int] | None = None  # a vocabulary tensor the tokenizer would grow absurdly
     for name in names:
         infos = [source.tensors[name] for _, source in roles]
         shapes = [i.shape for i in infos]
         if all(s == shapes[0] for s in shapes):
             shape = shapes[0]
             is_vocab = bool(shape) and shape[0] in vocab and len(shape) <= 2
-        elif all(s == shapes[0] or _differs_only_in_rows(s, shapes[0]) for s in shapes):
+        elif all(s == shapes[0] or _differs_only_in_rows(s, shapes[0]) for s in shapes) and (
+            not vocab or any(s[0] in vocab for s in shapes)  # rows of a vocabulary, not another layer size
+        ):
             is_vocab = True
             shape = shapes[0]
             row_mismatches.append(
@@ -152,18 +186,25 @@ def plan_tensors(
                 + " vs ".join(f"{role} {list(s)}" for (role, _), s in zip(roles, shapes, strict=True))
             )
             continue
+        fills: dict[int, int] = {}
         if is_vocab:
             rows = max(s[0] for s in shapes)
             if normalize_embeddings and min_vocab_rows and min_vocab_rows > rows:
+                if min_vocab_rows > MAX_VOCAB_GROWTH * rows:
+                    overgrown = overgrown or (name, rows)
                 rows = min_vocab_rows
             shape = (rows, *shape[1:])
             vocab_rows.add(rows)
+            if not rows_by_role and any(s[0] < rows for s in shapes):
+                rows_by_role = {role: s[0] for (role, _), s in zip(roles, shapes, strict=True)}
+            fills = {slot_of[r]: slot_of[f] for r, f in pad_from.items() if r in slot_of and f in slot_of}
         outputs.append(
             OutputTensor(
                 name=name,
                 shape=tuple(shape),
                 dtype=out_dtype(infos[0]),
                 operands=[(source, name) for _, source in roles],
+                fills=fills,
             )
         )
     if other_mismatches:
@@ -172,6 +213,15 @@ def plan_tensors(
             "The models are different architectures or sizes; use models of one family and size."
             + mismatch_hint,
         )
+    if overgrown is not None:
+        name, rows = overgrown
+        raise ResidualsError(
+            f"{tokenizer_label} has {min_vocab_rows} tokens (its largest token id is {min_vocab_rows - 1}), "
+            f"but {name} has {rows} vocabulary rows: growing it {min_vocab_rows / rows:.0f}× is not an added "
+            "token or two but a corrupt tokenizer.",
+            "Fix the added tokens in its tokenizer.json / tokenizer_config.json, or pass the right tokenizer "
+            "(--instruct-tokenizer / instruct_tokenizer_name).",
+        )
     if row_mismatches and not normalize_embeddings:
         raise ResidualsError(
             f"Shape mismatch in the vocabulary rows: {_name_list(row_mismatches, 3)}.",
@@ -179,12 +229,36 @@ def plan_tensors(
             "instruct_tokenizer/instruct_tokenizer_name to enable resizing.",
         )
     plan = Plan(outputs, vocab_rows=max(vocab_rows) if vocab_rows else None)
-    if row_mismatches:
+    if rows_by_role and plan.vocab_rows:
+        filled = [
+            _fill_note(role, rows, plan.vocab_rows, pad_from.get(role), rows_by_role)
+            for role, rows in rows_by_role.items()
+            if rows < plan.vocab_rows
+        ]
         plan.notes.append(
-            f"vocabulary rows aligned to {plan.vocab_rows} (missing rows zero-filled): "
-            + _name_list(row_mismatches, 3)
+            f"vocabulary rows aligned to {plan.vocab_rows}: "
+            + "; ".join(filled)
+            + (f" (tensors: {_name_list(row_mismatches, 3)})" if row_mismatches else "")
         )
     return plan
+
+
+def _fill_note(role: str, rows: int, total: int, source: str | None, rows_by_role: dict[str, int]) -> str:
+    """What the result holds on the vocabulary rows one input lacks, exactly."""
+    span = f"row {rows}" if total - rows == 1 else f"rows {rows}–{total - 1}"
+    if source is not None:
+        have = min(rows_by_role.get(source, 0), total)
+        if have > rows:
+            return (
+                f"the {role} model has {rows} rows, so on {span} it is taken equal to the {source} model and the "
+                f"difference there is zero (applying it leaves those rows of the target unchanged)"
+            )
+    meaning = {
+        "base": "the residual there is the instruct model's own rows (its added tokens)",
+        "target": "the result there is scale × the residual",
+        "residuals": "the target's rows there are kept unchanged",
+    }.get(role, "they count as zeros")
+    return f"the {role} model has {rows} rows, so its {span} are zero-filled: {meaning}"
 
 
 # ---- execution --------------------------------------------------------------------------------
@@ -224,12 +298,17 @@ class _Buffers:
 
 
 def _read_elements(
-    operand: tuple[TensorSource, str], start: int, stop: int, buffer: torch.Tensor | None
+    operand: tuple[TensorSource, str],
+    start: int,
+    stop: int,
+    buffer: torch.Tensor | None,
+    fill: tuple[TensorSource, str] | None = None,
 ) -> torch.Tensor:
-    """Elements [start, stop) of an operand (into `buffer` when the source can), zeros past its end.
+    """Elements [start, stop) of an operand (into `buffer` when the source can); past its end, the
+    `fill` operand's elements where it has them, else zeros.
 
     An input with fewer vocabulary rows than the result ends earlier in flat order: its missing
-    rows are exactly the zero tail.
+    rows are exactly the tail.
     """
     source, name = operand
     have = min(stop, source.tensors[name].numel) - start
@@ -238,6 +317,11 @@ def _read_elements(
     piece = torch.zeros(stop - start, dtype=source.tensors[name].dtype)  # vocabulary padding: rare
     if have > 0:
         piece[:have] = source.read_elements(name, start, start + have)
+    if fill is not None:
+        begin = start + max(have, 0)
+        end = min(stop, fill[0].tensors[fill[1]].numel)
+        if end > begin:
+            piece[begin - start : end - start] = _read_elements(fill, begin, end, None)
     return piece
 
 
@@ -245,9 +329,36 @@ def _non_finite_inputs(out: OutputTensor, start: int, stop: int) -> list[str]:
     """Which inputs hold NaN/Inf in these elements (re-read: the work buffers were overwritten)."""
     return [
         source.label
-        for source, name in out.operands
-        if not torch.isfinite(_read_elements((source, name), start, stop, None)).all()
+        for slot, (source, name) in enumerate(out.operands)
+        if not torch.isfinite(_read_elements((source, name), start, stop, None, out.fill_for(slot))).all()
     ]
+
+
+def _not_finite(
+    out: OutputTensor, start: int, stop: int, combine: Callable, stored: torch.Tensor
+) -> ResidualsError:
+    """Why a written piece holds NaN/Inf: bad inputs, or a value beyond the output dtype's range at this α."""
+    scale = getattr(combine, "scale", None)
+    at = f" at scale α = {scale:g}" if scale is not None else ""
+    bad = _non_finite_inputs(out, start, stop)
+    if bad:
+        return ResidualsError(
+            f"The result for tensor {out.name!r} contains NaN or Inf: the input(s) {', '.join(bad)} already hold "
+            "non-finite values there.",
+            "Check those checkpoints (a corrupt or overflowed model); nothing was written.",
+        )
+    count = int((~torch.isfinite(stored)).sum())
+    if stored.dtype != torch.float32:
+        limit = torch.finfo(stored.dtype).max
+        return ResidualsError(
+            f"Tensor {out.name!r} overflows {str(stored.dtype).removeprefix('torch.')}{at}: {count} value(s) of one "
+            f"piece exceed its range (±{limit:.5g}) once rounded, and would be written as Inf.",
+            "Use a smaller scale, or write float32 (--dtype float32 / dtype=torch.float32); nothing was written.",
+        )
+    return ResidualsError(
+        f"The result for tensor {out.name!r} overflows float32{at} ({count} value(s) of one piece are Inf).",
+        "Use a smaller scale; nothing was written.",
+    )
 
 
 def reading_order(plan: Plan) -> Plan:
@@ -316,7 +427,7 @@ def execute(
                     # input as read afterwards; otherwise read, then convert in one copy
                     direct = in_dtype == work_dtype and device == cpu and check_reconstruction is None
                     read_buffer = work_buffer if direct else buffers.get(("read", slot), in_dtype, count, cpu)
-                    piece = _read_elements(operand, start, stop, read_buffer)
+                    piece = _read_elements(operand, start, stop, read_buffer, out.fill_for(slot))
                     raw.append(piece)
                     work.append(
                         piece if piece.data_ptr() == work_buffer.data_ptr() else work_buffer.copy_(piece)
@@ -327,19 +438,15 @@ def execute(
                 stored = sink.buffer(out.dtype, count)
                 into = stored if stored.dtype == work_dtype and stored.device == device else None
                 result, delta = combine(work, out, into)
-                if out.is_float:
-                    # NaN/Inf propagate through a sum: one cheap reduction instead of an isfinite pass
-                    if not math.isfinite(float(result.sum())):
-                        bad = _non_finite_inputs(out, start, stop)
-                        where = f" (non-finite values already in: {', '.join(bad)})" if bad else ""
-                        raise ResidualsError(
-                            f"The result for tensor {out.name!r} contains NaN or Inf{where}.",
-                            "Check the input checkpoints (a corrupt or overflowed model), or use a smaller scale; "
-                            "nothing was written.",
-                        )
-                    st.norm_sq += float(torch.dot(delta, delta))  # flat float32 pieces: one BLAS call
                 if result.data_ptr() != stored.data_ptr():
                     stored.copy_(result)  # the one rounding to the output dtype
+                if out.is_float:
+                    # checked on the values written, in the output dtype (a float16 overflow shows only
+                    # after rounding); NaN/Inf propagate through a sum, accumulated in float64 so that
+                    # large finite values cannot overflow the check itself
+                    if not math.isfinite(float(stored.sum(dtype=torch.float64))):
+                        raise _not_finite(out, start, stop, combine, stored)
+                    st.norm_sq += float(torch.dot(delta, delta))  # flat float32 pieces: one BLAS call
                 if check_reconstruction is not None and out.is_float:
                     scratch = buffers.get(("rebuilt",), raw[1].dtype, count, device)
                     mismatched, max_err = check_reconstruction(raw, work, stored, out, scratch)
@@ -349,6 +456,17 @@ def execute(
     if progress:
         progress(total, total, "done")
     return stats
+
+
+def check_scale(scale: float) -> float:
+    """α must be a finite number: NaN or Inf would only be found after reading the first tensor."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ResidualsError(f"scale {scale!r} is not a finite number.", "Give a number such as 1.0 or 0.5.")
+    return value
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -402,6 +520,7 @@ def residual_of(
 
 def make_apply(scale: float) -> Callable:
     """out = target + scale·R (operands: target, residual); integer tensors get R unscaled."""
+    check_scale(scale)
 
     def apply(
         pieces: list[torch.Tensor], out: OutputTensor, into: torch.Tensor | None = None
@@ -411,6 +530,7 @@ def make_apply(scale: float) -> Callable:
             residual = residual.mul_(scale)
         return torch.add(target, residual, out=target if into is None else into), residual
 
+    apply.scale = scale  # named in overflow messages
     return apply
 
 
@@ -425,6 +545,7 @@ def make_merge(scale: float) -> Callable:
         target, base, instruct = pieces
         return apply([target, instruct.sub_(base)], out, into)
 
+    merge.scale = scale
     return merge
 
 

@@ -156,7 +156,7 @@ def write_residuals_files(
         },
     )
     card.residuals_card(
-        config, name=card_name, manifest=manifest, summary=summary, reconstruction=reconstruction
+        config, name=card_name, manifest=manifest, summary=summary, reconstruction=reconstruction, notes=notes
     ).save(folder / "README.md")
     return Result(
         path=folder,
@@ -228,6 +228,7 @@ def write_model_files(
         summary=summary,
         license=license,
         language=language,
+        notes=plan.notes,
     ).save(folder / "README.md")
     return Result(path=folder, tensors=per_tensor, summary=summary, manifest=manifest, notes=plan.notes)
 
@@ -270,6 +271,7 @@ def render_card(folder: str | os.PathLike, name: str) -> str | None:
             manifest=files,
             summary=manifest.get("summary"),
             reconstruction=manifest.get("reconstruction"),
+            notes=manifest.get("notes"),
         )
     else:
         lineage = manifest.get("lineage", {})
@@ -283,5 +285,6 @@ def render_card(folder: str | os.PathLike, name: str) -> str | None:
             dtype=manifest.get("storage_dtype", ""),
             manifest=files,
             summary=manifest.get("summary"),
+            notes=manifest.get("notes"),
         )
     return str(made)

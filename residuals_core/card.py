@@ -27,6 +27,13 @@ def _files_table(manifest: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _notes(notes: list[str] | None) -> str:
+    """What the run decided that a user of the result must know (e.g. how vocabulary rows were filled)."""
+    if not notes:
+        return ""
+    return "## Notes\n\n" + "\n".join(f"- {note}" for note in notes) + "\n\n"
+
+
 def _layer_table(summary: dict[str, Any] | None, limit: int = 64) -> str:
     if not summary or not summary.get("layers"):
         return "_not recorded_"
@@ -44,6 +51,7 @@ def residuals_card(
     manifest: dict[str, dict[str, Any]],
     summary: dict[str, Any] | None = None,
     reconstruction: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> ModelCard:
     base = config.base_model_name
     instruct = config.instruct_model_name
@@ -108,7 +116,7 @@ res = Residuals.from_pretrained("{name}")
 - Shapes hash: `{config.shapes_hash}`
 - {recon or "Reconstruction: not checked"}
 
-## Per-layer norms of the residual
+{_notes(notes)}## Per-layer norms of the residual
 
 {_layer_table(summary)}
 
@@ -138,6 +146,7 @@ def merged_card(
     summary: dict[str, Any] | None = None,
     license: str | None = None,
     language: str | list[str] | None = None,
+    notes: list[str] | None = None,
 ) -> ModelCard:
     lineage = [m for m in (hub_id_or_none(target), hub_id_or_none(instruct)) if m]
     data = ModelCardData(
@@ -174,7 +183,7 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 - α (scale): {scale:g}
 - Storage dtype: {dtype}
 
-## Per-layer norms of the applied delta
+{_notes(notes)}## Per-layer norms of the applied delta
 
 {_layer_table(summary)}
 

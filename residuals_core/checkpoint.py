@@ -104,16 +104,19 @@ def select_weight_files(
     """The files a loader reads: the index's `weight_map` shards, else model.safetensors, else all.
 
     `listing` holds the top-level file names (of a folder or a Hub repo); `read_index` returns
-    the parsed index when there is one. Pickles only with `allow_pickle`.
+    the parsed index when there is one. The index is data, not instructions: its entries must
+    be plain file names of this checkpoint, and pickles load only with `allow_pickle`.
     """
     names = set(listing)
     if INDEX_NAME in names:
-        weight_map = read_index().get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ResidualsError(
-                f"{label}: {INDEX_NAME} has no weight_map.", "Download or copy the checkpoint again."
-            )
-        shards = sorted(set(weight_map.values()))
+        shards = sorted(set(index_weight_map(read_index(), label).values()))
+        for shard in shards:
+            if not shard.endswith(".safetensors") and not allow_pickle:
+                raise ResidualsError(
+                    f"{label}: {INDEX_NAME} names {shard!r} as a shard, which is not a .safetensors file.",
+                    "Loading a pickle can run arbitrary code. Convert the checkpoint to safetensors, or pass "
+                    "allow_pickle=True (--allow-pickle) if you trust its source.",
+                )
         missing = [s for s in shards if s not in names]
         if missing:
             raise ResidualsError(
@@ -144,6 +147,37 @@ def select_weight_files(
     )
 
 
+def index_weight_map(index: Any, label: str) -> dict[str, str]:
+    """The index's tensor -> file map, refused unless every entry is a plain file name of the checkpoint."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ResidualsError(
+            f"{label}: {INDEX_NAME} has no weight_map object.", "Download or copy the checkpoint again."
+        )
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or not _is_plain_name(file):
+            raise ResidualsError(
+                f"{label}: {INDEX_NAME} maps tensor {tensor!r} to {file!r}, which is not a file name of this "
+                "checkpoint (paths, '..' and folders are not allowed).",
+                "The index is corrupt or was made to read other files: download or copy the checkpoint again.",
+            )
+    return weight_map
+
+
+def _is_plain_name(name: str) -> bool:
+    return (
+        bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    )
+
+
+def unindexed_weight_files(listing: list[str], files: list[str]) -> list[str]:
+    """Weight files of a folder or repo that the index does not name (a stale index, or strays)."""
+    chosen = set(files)
+    return sorted(
+        n for n in listing if n.endswith(".safetensors") and not n.startswith(".") and n not in chosen
+    )
+
+
 # ---- headers ----------------------------------------------------------------------------------------
 def header_length(prefix: bytes, file_size: int, label: str) -> int:
     if len(prefix) < 8 or file_size < 8:
@@ -161,39 +195,89 @@ def header_length(prefix: bytes, file_size: int, label: str) -> int:
 
 
 def parse_header(raw: bytes, file_size: int, label: str, file: str) -> dict[str, TensorInfo]:
-    """Tensors of one safetensors file from its header bytes; refuse truncated or corrupt files."""
+    """Tensors of one safetensors file from its header bytes, validated completely before any use.
+
+    A header is data from a stranger: it must be a JSON object of tensor entries, each with a
+    known dtype, a shape of non-negative integers and offsets whose length is shape × dtype, and
+    the entries must tile the data section exactly (no gaps, no overlaps, nothing past the end),
+    as the safetensors format requires.
+    """
+
+    def corrupt(problem: str) -> ResidualsError:
+        return ResidualsError(
+            f"{label} has a corrupt safetensors header: {problem}.",
+            "The file is damaged or was not written by safetensors: download or copy it again.",
+        )
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise corrupt(f"tensor {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+        return dict(pairs)
+
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ResidualsError(
             f"{label} has an unreadable safetensors header ({exc}).", "Download or copy the file again."
         ) from exc
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise corrupt(f"it is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise corrupt("__metadata__ is not an object of strings")
     data_start = 8 + len(raw)
+    data_size = file_size - data_start
     tensors: dict[str, TensorInfo] = {}
-    end_max = 0
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise corrupt(f"the entry of tensor {name!r} is not an object")
         code = entry.get("dtype")
-        if code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
             raise ResidualsError(
                 f"{label}: tensor {name!r} has dtype {code!r}, which this tool does not handle.",
                 "Convert the checkpoint to float32/bfloat16/float16 safetensors first.",
             )
-        begin, end = entry["data_offsets"]
-        info = TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(entry["shape"]), file, data_start + begin)
-        if end - begin != info.nbytes:
-            raise ResidualsError(
-                f"{label}: tensor {name!r} claims {end - begin} bytes but its shape and dtype need {info.nbytes}.",
-                "The file is corrupt: download or copy it again.",
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise corrupt(f"tensor {name!r} has shape {shape!r} (dimensions must be non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise corrupt(f"tensor {name!r} has data_offsets {offsets!r} (two non-negative integers needed)")
+        begin, end = offsets
+        info = TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(shape), file, data_start + begin)
+        if end < begin or end - begin != info.nbytes:
+            raise corrupt(
+                f"tensor {name!r} spans bytes {begin}-{end} but its shape {shape} and dtype {code} need {info.nbytes}"
             )
-        end_max = max(end_max, end)
+        if end > data_size:
+            raise ResidualsError(
+                f"{label} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {file_size}.",
+                "Download or copy the file again (an interrupted download or copy leaves such files).",
+            )
+        spans.append((begin, end, name))
         tensors[name] = info
-    if data_start + end_max > file_size:
-        raise ResidualsError(
-            f"{label} is truncated: its header describes {data_start + end_max} bytes but the file has {file_size}.",
-            "Download or copy the file again (an interrupted download or copy leaves such files).",
-        )
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise corrupt(
+                f"tensor {name!r} starts at byte {begin} of the data, where "
+                + (
+                    f"{position} was expected (a gap)"
+                    if begin > position
+                    else "an earlier tensor still runs (overlap)"
+                )
+            )
+        position = end
+    if position != data_size:
+        raise corrupt(f"its tensors cover {position} data bytes but the file holds {data_size}")
     return tensors
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_header(reader: ByteReader, file: str) -> dict[str, TensorInfo]:
@@ -259,8 +343,10 @@ class Checkpoint(TensorSource):
         *,
         weight_map: dict[str, str] | None = None,
         remote: bool = False,
+        unindexed: list[str] | None = None,
     ):
         self.label = label
+        self.unindexed = unindexed or []  # weight files beside an index that does not name them
         self.folder = folder
         self.readers = readers
         self.config = config
@@ -275,6 +361,11 @@ class Checkpoint(TensorSource):
                         "The checkpoint is inconsistent: remove the stray file.",
                     )
                 self.tensors[name] = info
+        if not self.tensors:
+            raise ResidualsError(
+                f"{label} holds no tensors: its weight files ({', '.join(list(readers)[:3])}) are empty.",
+                "Point at a complete model folder or repo (an empty file is a failed save or download).",
+            )
         if weight_map is not None:
             missing = sorted(
                 n for n, f in weight_map.items() if n not in self.tensors or self.tensors[n].file != f
@@ -299,11 +390,18 @@ class Checkpoint(TensorSource):
             listing, lambda: read_json(folder / INDEX_NAME), str(folder), allow_pickle=allow_pickle
         )
         config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-        if not files[0].endswith(".safetensors"):
+        if not all(f.endswith(".safetensors") for f in files):
             return PickleCheckpoint(str(folder), folder, [folder / f for f in files], config)
-        weight_map = read_json(folder / INDEX_NAME)["weight_map"] if INDEX_NAME in listing else None
+        weight_map = (
+            index_weight_map(read_json(folder / INDEX_NAME), str(folder)) if INDEX_NAME in listing else None
+        )
         return cls(
-            str(folder), folder, {f: LocalFile(folder / f) for f in files}, config, weight_map=weight_map
+            str(folder),
+            folder,
+            {f: LocalFile(folder / f) for f in files},
+            config,
+            weight_map=weight_map,
+            unindexed=unindexed_weight_files(listing, files) if weight_map is not None else None,
         )
 
     @classmethod
@@ -315,6 +413,7 @@ class Checkpoint(TensorSource):
         config: dict | None,
         *,
         read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
+        unindexed: list[str] | None = None,
     ) -> Checkpoint:
         """A Hub repo at one commit: headers by ranged reads now, weights streamed when read."""
         index = small_files / INDEX_NAME
@@ -323,8 +422,9 @@ class Checkpoint(TensorSource):
             small_files,
             {loc.filename: HubFile(loc, read_ahead_bytes=read_ahead_bytes) for loc in locations},
             config,
-            weight_map=read_json(index)["weight_map"] if index.is_file() else None,
+            weight_map=index_weight_map(read_json(index), label) if index.is_file() else None,
             remote=True,
+            unindexed=unindexed,
         )
 
     # ---- facts from the headers ----------------------------------------------------------
@@ -436,11 +536,17 @@ def _elements_of(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 # ---- helpers ------------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
+    """A JSON object from a file; anything else (bad JSON, a list, bad bytes) is the file's fault, named."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ResidualsError(f"{path} is not valid JSON ({exc}).", "Fix or replace the file.") from exc
+    if not isinstance(data, dict):
+        raise ResidualsError(
+            f"{path} holds a JSON {type(data).__name__}, not an object.", "Fix or replace the file."
+        )
+    return data
 
 
 def element_ranges(numel: int, max_piece_bytes: int) -> Iterator[tuple[int, int]]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from tqdm.auto import tqdm
 
 from . import __version__, operations
 from .errors import ResidualsError
-from .options import Options
+from .options import Options, parse_size
 
 EPILOG = """examples:
   # 1. residuals of an instruct model over its base (float32: exact reconstruction)
@@ -46,6 +48,15 @@ class _TqdmProgress:
             self.bar.close()
 
 
+def _size(text: str) -> str:
+    """argparse type: a shard size refused at once, in the CLI's own `error:` form (exit 2)."""
+    try:
+        parse_size(text)
+    except ResidualsError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem} {exc.fix}") from None
+    return text
+
+
 def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     if out:
         where = p.add_mutually_exclusive_group(required=True)
@@ -67,6 +78,7 @@ def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
         p.add_argument(
             "--max-shard-size",
             default="5GB",
+            type=_size,
             help="largest weight file, e.g. 5GB or 500MB (default 5GB); with --push-to the run needs about "
             "twice this much free local disk (TMPDIR)",
         )
@@ -191,51 +203,75 @@ def _options(args: argparse.Namespace, progress: _TqdmProgress) -> Options:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `with` block cleans up as on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and run one command; a user's mistake or a machine fault raises ResidualsError."""
     args = build_parser().parse_args(argv)
     progress = _TqdmProgress(args.command, enabled=not args.quiet)
-    try:
-        if args.command == "inspect":
-            report = operations.inspect_residuals(args.path, token=args.token)
-            if args.json:
-                print(json.dumps(report, indent=2))
-            else:
-                _print_table(report)
-            return 0
-        common = dict(normalize_embeddings=args.normalize_embeddings, options=_options(args, progress))
-        if args.command == "compute":
-            result = operations.compute_residuals(
-                args.base,
-                args.instruct,
-                args.out,
-                dtype=args.dtype,
-                instruct_tokenizer_name=args.instruct_tokenizer,
-                license=args.license,
-                **common,
-            )
-            recon = result.reconstruction or {}
-            exact = "exact" if recon.get("exact") else f"{recon.get('mismatched_elements')} elements off"
-            print(f"residuals written to {result.location} (reconstruction check: {exact})")
-        elif args.command == "apply":
-            result = operations.apply_residuals(
-                args.residuals, args.model, args.out, scale=args.scale, dtype=args.dtype, **common
-            )
-            print(f"model written to {result.location}")
+    if args.command == "inspect":
+        report = operations.inspect_residuals(args.path, token=args.token)
+        if args.json:
+            print(json.dumps(report, indent=2))
         else:
-            result = operations.merge_models(
-                args.base, args.instruct, args.target, args.out, scale=args.scale, dtype=args.dtype, **common
-            )
-            print(f"merged model written to {result.location}")
-        for note in result.notes:
-            print(f"note: {note}")
-        print(f"total ‖delta‖ = {result.summary.get('total_norm', 0.0):.6g}")
+            _print_table(report)
         return 0
+    common = dict(normalize_embeddings=args.normalize_embeddings, options=_options(args, progress))
+    if args.command == "compute":
+        result = operations.compute_residuals(
+            args.base,
+            args.instruct,
+            args.out,
+            dtype=args.dtype,
+            instruct_tokenizer_name=args.instruct_tokenizer,
+            license=args.license,
+            **common,
+        )
+        recon = result.reconstruction or {}
+        exact = "exact" if recon.get("exact") else f"{recon.get('mismatched_elements')} elements off"
+        print(f"residuals written to {result.location} (reconstruction check: {exact})")
+    elif args.command == "apply":
+        result = operations.apply_residuals(
+            args.residuals, args.model, args.out, scale=args.scale, dtype=args.dtype, **common
+        )
+        print(f"model written to {result.location}")
+    else:
+        result = operations.merge_models(
+            args.base, args.instruct, args.target, args.out, scale=args.scale, dtype=args.dtype, **common
+        )
+        print(f"merged model written to {result.location}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"total ‖delta‖ = {result.summary.get('total_norm', 0.0):.6g}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: every failure the user can cause or meet is `error: … what to do: …`, exit 2."""
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(argv)
     except ResidualsError as exc:
         print(f"error: {exc.problem}\n  what to do: {exc.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output folder was left behind", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM): no output folder was left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import Checkpoint, PickleCheckpoint, hub_weight_locations, read_json
+from .checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    PickleCheckpoint,
+    hub_weight_locations,
+    read_json,
+    unindexed_weight_files,
+)
 from .errors import ResidualsError
 from .sources import DEFAULT_READ_AHEAD_BYTES
 
@@ -144,7 +151,7 @@ def open_hub_model(
             repo_id, commit, info.siblings or [], folder, token, allow_pickle=allow_pickle
         )
         config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-        if not locations[0].filename.endswith(".safetensors"):
+        if not all(loc.filename.endswith(".safetensors") for loc in locations):
             files = [
                 Path(
                     hf_hub_download(repo_id, loc.filename, revision=commit, token=token, cache_dir=cache_dir)
@@ -152,7 +159,18 @@ def open_hub_model(
                 for loc in locations
             ]
             return PickleCheckpoint(repo_id, folder, files, config)
-        return Checkpoint.open_hub(repo_id, folder, locations, config, read_ahead_bytes=read_ahead_bytes)
+        listing = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
+        indexed = any(name == INDEX_NAME for name in listing)
+        return Checkpoint.open_hub(
+            repo_id,
+            folder,
+            locations,
+            config,
+            read_ahead_bytes=read_ahead_bytes,
+            unindexed=unindexed_weight_files(listing, [loc.filename for loc in locations])
+            if indexed
+            else None,
+        )
 
 
 def resolve_model_folder(

@@ -22,8 +22,25 @@ MANIFEST_NAME = "residuals_manifest.json"
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest, or None when it has none; a malformed one is refused, named."""
     path = Path(folder) / MANIFEST_NAME
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    files = manifest.get("files", {})
+    good = isinstance(files, dict) and all(
+        isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and any(isinstance(entry.get(kind), str) for kind in ("sha256", "xxh3_64"))
+        for entry in files.values()
+    )
+    if not good:
+        raise ResidualsError(
+            f"{path} is malformed: 'files' must map each file to its size and sha256/xxh3_64.",
+            "The folder was damaged or edited by hand: copy or download it again (or delete the manifest "
+            "to use the files unchecked).",
+        )
+    return manifest
 
 
 def write_manifest(

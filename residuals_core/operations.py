@@ -30,8 +30,8 @@ from .artifacts import (
 )
 from .checkpoint import Checkpoint, TensorInfo, TensorSource, dtype_from_name, read_json
 from .config import ResidualsConfig, shapes_hash
-from .errors import ResidualsError
-from .manifest import ManifestCheck, read_manifest, verify_manifest
+from .errors import ResidualsError, reports_os_errors
+from .manifest import MANIFEST_NAME, ManifestCheck, read_manifest, verify_manifest
 from .options import Options, make_options
 from .sinks import Sink, check_disk, open_sink
 from .tokenizer import tokenizer_files
@@ -153,6 +153,7 @@ def plan_difference(
     out_dtype: torch.dtype | None,
     normalize_embeddings: bool,
     tokenizer_length: int | None,
+    tokenizer_label: str = "the instruct tokenizer",
 ) -> arithmetic.Plan:
     """The plan of compute (base, instruct) or of a one-pass merge (target, base, instruct), from headers."""
     roles = [("base", base), ("instruct", instruct)]
@@ -164,6 +165,8 @@ def plan_difference(
         normalize_embeddings=normalize_embeddings,
         vocab_sizes=[source.vocab_size for _, source in roles],
         min_vocab_rows=tokenizer_length if normalize_embeddings else None,
+        pad_from={"instruct": "base"},  # a token the instruct model lacks: no difference, not −θ_base
+        tokenizer_label=tokenizer_label,
     )
 
 
@@ -175,6 +178,7 @@ def _plan_apply(
     out_dtype: torch.dtype | None,
     normalize_embeddings: bool,
     tokenizer_length: int | None,
+    tokenizer_label: str = "the residuals' tokenizer",
 ) -> arithmetic.Plan:
     target_hash = shapes_hash(target.tensors.values())[0]
     return arithmetic.plan_tensors(
@@ -183,6 +187,7 @@ def _plan_apply(
         normalize_embeddings=normalize_embeddings,
         vocab_sizes=[target.vocab_size, (read_manifest(residuals.folder) or {}).get("vocab_rows")],
         min_vocab_rows=tokenizer_length if normalize_embeddings else None,
+        tokenizer_label=tokenizer_label,
         # residuals of a tied model saved by the `residuals` package carry lm_head.weight too: skip it
         optional_extra=lambda role, name: target.tie_word_embeddings and name in arithmetic.TIED_OUTPUT_NAMES,
         mismatch_hint=(
@@ -213,7 +218,7 @@ def stream_into(
     writer = ShardWriter(
         sink.path,
         [o.info for o in plan.outputs],
-        max_shard_size=options.max_shard_size,
+        max_shard_size=options.max_shard_bytes,
         direct_io=options.direct_io,
         fsync=options.fsync,
         before_shard=sink.before_shard,
@@ -242,15 +247,20 @@ def stream_into(
 
 
 def _ready_sink(
-    out_dir: str | os.PathLike | None, plan: arithmetic.Plan, options: Options, small_files_from: list[Path]
+    out_dir: str | os.PathLike | None,
+    plan: arithmetic.Plan,
+    options: Options,
+    small_files_from: list[Path],
+    inputs: list[TensorSource],
 ) -> Sink:
     """The run's sink, after checking (before any work) that its local disk holds what it needs.
 
-    `small_files_from`: folders whose tokenizer the result may copy (their size counts too).
+    `small_files_from`: folders whose tokenizer the result may copy (their size counts too);
+    `inputs`: what the output must never touch.
     """
-    sink = open_sink(out_dir, options)
+    sink = open_sink(out_dir, options, inputs=inputs)
     small = max((sum(p.stat().st_size for p in tokenizer_files(f)) for f in small_files_from), default=0)
-    check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_size), small)
+    check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_bytes), small)
     return sink
 
 
@@ -267,6 +277,7 @@ def _published(result: Result, sink: Sink) -> Result:
 
 
 # ---- compute ---------------------------------------------------------------------------------------
+@reports_os_errors
 def compute_residuals(
     base: str | os.PathLike | Checkpoint,
     instruct: str | os.PathLike | Checkpoint,
@@ -298,8 +309,9 @@ def compute_residuals(
             out_dtype=storage,
             normalize_embeddings=normalize_embeddings,
             tokenizer_length=tokenizer.length,
+            tokenizer_label=f"the tokenizer of {tokenizer.name}",
         )
-        with _ready_sink(out_dir, plan, options, [inst_ck.folder]) as sink:
+        with _ready_sink(out_dir, plan, options, [inst_ck.folder], [base_ck, inst_ck]) as sink:
             weights, tensor_stats = stream_into(
                 sink,
                 plan,
@@ -333,6 +345,7 @@ def compute_residuals(
 
 
 # ---- apply and merge -------------------------------------------------------------------------------
+@reports_os_errors
 def apply_residuals(
     residuals: str | os.PathLike,
     target: str | os.PathLike | Checkpoint,
@@ -347,6 +360,7 @@ def apply_residuals(
     """θ_out = θ_target + scale·R, streamed into a complete model folder or Hub repo."""
     options = make_options(options, option_overrides)
     arithmetic.check_device(options.device)
+    arithmetic.check_scale(scale)
     out_dtype = _float_dtype(dtype)
     res_ck, res_cfg = open_residuals(residuals, options=options, verify=False)
     try:
@@ -364,7 +378,13 @@ def apply_residuals(
             out_dtype=out_dtype,
             normalize_embeddings=normalize_embeddings,
             tokenizer_length=tokenizer.length,
+            tokenizer_label=f"the tokenizer saved with {residuals}",
         )
+        if read_manifest(res_ck.folder) is None:
+            plan.notes.append(
+                f"{residuals} has no {MANIFEST_NAME} (it was written by another tool, e.g. the residuals package): "
+                "its files could not be checked against recorded checksums"
+            )
         return _merge_into(
             out_dir,
             plan,
@@ -391,6 +411,7 @@ def apply_residuals(
         _close_all(res_ck, target_ck)
 
 
+@reports_os_errors
 def merge_models(
     base: str | os.PathLike | Checkpoint,
     instruct: str | os.PathLike | Checkpoint,
@@ -411,6 +432,7 @@ def merge_models(
     """
     options = make_options(options, option_overrides)
     arithmetic.check_device(options.device)
+    arithmetic.check_scale(scale)
     out_dtype = _float_dtype(dtype)
     opened = open_models([(target, "target"), (base, "base"), (instruct, "instruct")], options)
     try:
@@ -426,6 +448,7 @@ def merge_models(
             out_dtype=out_dtype,
             normalize_embeddings=normalize_embeddings,
             tokenizer_length=tokenizer.length,
+            tokenizer_label=f"the tokenizer of {tokenizer.name}",
         )
         return _merge_into(
             out_dir,
@@ -470,7 +493,7 @@ def _merge_into(
     tokenizer_folders: list[Path],
     before_publish: Callable[[], None] | None = None,
 ) -> Result:
-    with _ready_sink(out_dir, plan, options, [target.folder, *tokenizer_folders]) as sink:
+    with _ready_sink(out_dir, plan, options, [target.folder, *tokenizer_folders], inputs) as sink:
         weights, tensor_stats = stream_into(sink, plan, combine, options, inputs=inputs, reference_operand=0)
         result = write_model_files(
             sink.path,
@@ -493,6 +516,7 @@ def _merge_into(
 
 
 # ---- pushing finished folders, checks and views -----------------------------------------------------
+@reports_os_errors
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -507,6 +531,7 @@ def push_to_hub(
     )
 
 
+@reports_os_errors
 def check_compatibility(
     base: str | os.PathLike,
     instruct: str | os.PathLike,
@@ -555,6 +580,7 @@ def check_compatibility(
     }
 
 
+@reports_os_errors
 def inspect_residuals(path: str | os.PathLike, *, token: str | None = None) -> dict[str, Any]:
     """Per-layer and per-module norms of a residuals (or merged) folder or Hub repo."""
     checkpoint, config = open_residuals(path, options=Options(token=token))
@@ -574,6 +600,7 @@ def inspect_residuals(path: str | os.PathLike, *, token: str | None = None) -> d
     }
 
 
+@reports_os_errors
 def compare_residuals(a: str | os.PathLike, b: str | os.PathLike, *, token: str | None = None) -> list[dict]:
     """Per-layer cosine similarity of two residual sets (e.g. two versions of one family)."""
     first, _ = open_residuals(a, options=Options(token=token), verify=False)

@@ -6,6 +6,7 @@ below the public functions looks at environment variables or globals for them.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -51,6 +52,21 @@ class Options:
     work_dir: str | os.PathLike | None = None
     progress: Progress | None = None
 
+    def __post_init__(self) -> None:
+        # bad values are refused when the options are made, not deep inside a run
+        parse_size(self.max_shard_size)
+        for name in ("piece_bytes", "read_ahead_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ResidualsError(
+                    f"{name}={value!r} is not a positive number of bytes.",
+                    f"Give {name} as bytes, e.g. 2097152.",
+                )
+        if self.push_to is not None and not isinstance(self.push_to, str):
+            raise ResidualsError(
+                f"push_to={self.push_to!r} is not a repo id.", "Give push_to as 'user/name'."
+            )
+
     def with_(self, **changes: Any) -> Options:
         return replace(self, **changes)
 
@@ -85,19 +101,27 @@ _UNITS = {
 
 def parse_size(value: int | str) -> int:
     """'5GB', '500MB', '2GiB' or a byte count, as huggingface_hub's splitter reads them."""
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    text = str(value).strip().upper().replace(" ", "")
+    if not isinstance(value, str):
+        raise ResidualsError(
+            f"{value!r} is not a size.", "Give a size such as 5GB, 500MB or 2GiB (or a number of bytes)."
+        )
+    text = value.strip().upper().replace(" ", "")
     number = text.rstrip("KMGTIB")
     unit = text[len(number) :]
     try:
         size = float(number) * _UNITS[unit]
+        if not math.isfinite(size):
+            raise ValueError(value)
     except (ValueError, KeyError):
         raise ResidualsError(
             f"{value!r} is not a size.", "Give a size such as 5GB, 500MB or 2GiB (or a number of bytes)."
         ) from None
     if size < 1:
-        raise ResidualsError(f"A shard size of {value!r} is too small.", "Give a size such as 5GB or 500MB.")
+        raise ResidualsError(
+            f"A shard size of {value!r} is not a positive size.", "Give a size such as 5GB or 500MB."
+        )
     return int(size)
 
 

@@ -23,7 +23,7 @@ from . import arithmetic, hub, operations
 from .artifacts import TokenizerChoice, instruct_tokenizer_choice, write_residuals_files
 from .checkpoint import Checkpoint, StateDictSource, TensorSource, dtype_from_name, dtype_name
 from .config import ResidualsConfig, build_config
-from .errors import ResidualsError
+from .errors import ResidualsError, reports_os_errors
 from .options import DEFAULT_MAX_SHARD_SIZE, Options
 from .sinks import FolderSink, check_disk, open_sink
 from .tokenizer import (
@@ -121,6 +121,7 @@ class Residuals:
 
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
+    @reports_os_errors
     def from_models(
         base_model: ModelLike = None,
         instruct_model: ModelLike = None,
@@ -239,6 +240,7 @@ class Residuals:
         return res
 
     @staticmethod
+    @reports_os_errors
     def from_pretrained(
         path: str | os.PathLike,
         map_location: str | torch.device = "cpu",
@@ -340,6 +342,7 @@ class Residuals:
         return self._stats
 
     # ---- saving ------------------------------------------------------------------------------
+    @reports_os_errors
     def save_pretrained(
         self,
         out_dir: str | os.PathLike,
@@ -391,8 +394,8 @@ class Residuals:
         )
         recorded = self._stats.get("tensors")
         try:
-            sink = open_sink(out_dir, options)
-            check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_size))
+            sink = open_sink(out_dir, options, inputs=[source])
+            check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_bytes))
             with sink:
                 weights, measured = operations.stream_into(
                     sink,
@@ -449,6 +452,7 @@ class Residuals:
         return new
 
     # ---- applying ----------------------------------------------------------------------------
+    @reports_os_errors
     def apply(
         self,
         base_model: ModelLike = None,
@@ -519,7 +523,9 @@ class Residuals:
             or (load_tokenizer(base_tokenizer_name) if base_tokenizer_name else None),
         )
         if out_dir is not None:
-            with FolderSink(out_dir, overwrite=overwrite) as out:
+            with FolderSink(
+                out_dir, overwrite=overwrite, inputs=[self._folder] if self._folder else []
+            ) as out:
                 base_model.save_pretrained(str(out.path))
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(out.path))
@@ -561,6 +567,7 @@ class Residuals:
     def _apply_in_place(
         self, model: torch.nn.Module, *, scale: float, normalize_embeddings: bool, tokenizer, base_tokenizer
     ) -> None:
+        scale = arithmetic.check_scale(scale)
         residuals = self.state_dict
         params = dict(model.named_parameters())  # tied weights appear once
         embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
@@ -605,16 +612,20 @@ class Residuals:
                 delta = delta.to(tensor.device)
                 if tensor.dtype.is_floating_point:
                     updated = tensor.float() + (delta.float() * scale if scale != 1.0 else delta.float())
-                    if not torch.isfinite(updated).all():
+                    rounded = updated.to(tensor.dtype)  # checked as it will be stored: float16 overflows here
+                    if not torch.isfinite(rounded).all():
                         raise ResidualsError(
-                            f"Applying the residuals gives NaN or Inf in {name}.",
-                            "Check the model and residuals for corrupt values, or use a smaller scale.",
+                            f"Applying the residuals at scale α = {scale:g} gives NaN or Inf in {name} "
+                            f"({str(tensor.dtype).removeprefix('torch.')}).",
+                            "Check the model and residuals for corrupt values, use a smaller scale, or load the "
+                            "model in float32.",
                         )
-                    tensor.copy_(updated.to(tensor.dtype))
+                    tensor.copy_(rounded)
                 else:
                     tensor.add_(delta.to(tensor.dtype))
 
     @staticmethod
+    @reports_os_errors
     def apply_to_pretrained(
         model: ModelLike,
         residuals: str | os.PathLike,
@@ -662,6 +673,7 @@ class Residuals:
         )
 
     @staticmethod
+    @reports_os_errors
     def merge(
         base_model: str | os.PathLike,
         instruct_model: str | os.PathLike,
@@ -678,6 +690,7 @@ class Residuals:
         ).path
 
     # ---- hub ---------------------------------------------------------------------------------
+    @reports_os_errors
     def push_to_hub(
         self,
         repo_id: str,

@@ -14,6 +14,7 @@ around each weight file (`before_shard`, `shard_done`), and a publish step on a 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import queue
@@ -22,8 +23,9 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
-from .errors import ResidualsError
+from .errors import ResidualsError, from_os_error
 from .options import Options, work_dir
 
 UPLOAD_SLOTS = 2  # shards on local disk at once with a Hub sink (being written or uploading)
@@ -53,21 +55,32 @@ class Sink:
         raise NotImplementedError
 
 
-def open_sink(out_dir: str | os.PathLike | None, options: Options, *, card_name: str | None = None) -> Sink:
-    """The sink for a run: the Hub repo `options.push_to`, else the folder `out_dir`."""
+def open_sink(
+    out_dir: str | os.PathLike | None,
+    options: Options,
+    *,
+    inputs: list[Any] = (),
+) -> Sink:
+    """The sink for a run: the Hub repo `options.push_to`, else the folder `out_dir`.
+
+    `inputs` are the run's sources (checkpoints): the output may never be, hold or lie inside
+    one of their folders, nor be one of their Hub repos.
+    """
+    folders = [Path(s.folder) for s in inputs if getattr(s, "folder", None) is not None]
     if options.push_to is not None:
         if out_dir is not None:
             raise ResidualsError(
                 "Both an output folder and push_to were given.",
                 "Give one: --out for a local folder, or --push-to for a Hub repo.",
             )
-        return HubRepoSink(options.push_to, options)
+        repos = [s.label for s in inputs if getattr(s, "remote", False)]
+        return HubRepoSink(options.push_to, options, inputs=repos)
     if out_dir is None:
         raise ResidualsError(
             "No output was given.",
             "Give an output folder (--out / out_dir) or a Hub repo (--push-to / push_to).",
         )
-    return FolderSink(out_dir, overwrite=options.overwrite, fsync=options.fsync)
+    return FolderSink(out_dir, overwrite=options.overwrite, fsync=options.fsync, inputs=folders)
 
 
 def check_disk(sink: Sink, shard_sizes: list[int], small_files: int = 0) -> None:
@@ -103,46 +116,193 @@ def _size(nbytes: int) -> str:
 
 
 # ---- a local folder ---------------------------------------------------------------------------------
+OUTPUT_SUFFIXES = (
+    ".safetensors",
+    ".json",
+    ".md",
+    ".txt",
+    ".model",
+    ".jinja",
+    ".tiktoken",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".py",
+)
+OUTPUT_FOLDERS = (".cache",)  # huggingface_hub's download bookkeeping inside a --local-dir
+
+
 class FolderSink(Sink):
     """Build a folder under a hidden temporary name next to `dest`; rename it into place on success.
 
-    An existing `dest` is replaced only after the new folder is whole, and only with `overwrite`.
+    The run claims `dest` for its whole length with a lock file beside it, so a second writer is
+    refused instead of silently replacing the first one's result. `dest` may not be, hold or lie
+    inside an input folder, whatever `overwrite` says; an existing `dest` is replaced only with
+    `overwrite`, only when it holds nothing but model files, and only once the new folder is whole.
     """
 
-    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False, fsync: bool = False):
-        self.dest = Path(dest).absolute()
+    def __init__(
+        self,
+        dest: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        fsync: bool = False,
+        inputs: list[Path] = (),
+    ):
+        self.dest = Path(dest).expanduser().absolute()
         self.overwrite = overwrite
         self.fsync = fsync
+        self.inputs = list(inputs)
         self.location = str(self.dest)
         self.path = self.dest.parent / f".{self.dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._lock: int | None = None
+        self._lock_path = self.dest.parent / f".{self.dest.name}.lock"
+        self._made_parents: list[Path] = []
 
     def disk_needed(self, shard_sizes: list[int]) -> tuple[Path, int]:
         return self.dest.parent, sum(shard_sizes)
 
     def __enter__(self) -> FolderSink:
+        self._refuse_inputs()
+        if os.path.ismount(self.dest):
+            raise ResidualsError(
+                f"The output folder {self.dest} is a mount point: a result is built beside it and renamed into "
+                "place, which cannot replace a mount point.",
+                f"Give a folder inside it instead, e.g. {self.dest / 'result'}.",
+            )
+        try:
+            self._make_parents()
+            self._claim()
+            try:
+                self._check_destination()
+                _remove_stale_partials(self.dest)
+                self.path.mkdir()
+            except BaseException:
+                self._release()
+                raise
+        except OSError as exc:
+            raise from_os_error(exc, f"Preparing the output folder {self.dest}") from exc
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+                if isinstance(exc, OSError):
+                    raise from_os_error(exc, f"Writing the output folder {self.dest}") from exc
+                return
+            try:
+                self._publish()
+            except OSError as failure:
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise from_os_error(failure, f"Moving the finished result into {self.dest}") from failure
+            except BaseException:
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise
+        finally:
+            self._release()
+            if exc_type is not None or not self.dest.exists():
+                self._remove_made_parents()
+
+    # ---- claiming and checking the destination -------------------------------------------------
+    def _refuse_inputs(self) -> None:
+        out = self.dest.resolve()
+        for folder in self.inputs:
+            source = Path(folder).resolve()
+            if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+                how = "is" if out == source else ("holds" if source.is_relative_to(out) else "lies inside")
+                raise ResidualsError(
+                    f"The output folder {self.dest} {how} the input {folder}: writing it would destroy the input "
+                    "(refused with or without --overwrite).",
+                    "Choose an output folder outside every input folder, e.g. a new sibling folder.",
+                )
+
+    def _make_parents(self) -> None:
+        missing = []
+        parent = self.dest.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            self._made_parents.append(folder)
+
+    def _remove_made_parents(self) -> None:
+        for folder in reversed(self._made_parents):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when still empty
+        self._made_parents = []
+
+    def _claim(self) -> None:
+        """Hold an exclusive lock on `.NAME.lock` beside the destination for the whole run."""
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ResidualsError(
+                    f"Another run is writing {self.dest} right now (it holds {self._lock_path}).",
+                    "Wait for it to finish, or choose another output folder.",
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self._lock_path).st_ino
+            except FileNotFoundError:
+                same = False  # the previous holder removed it between our open and lock: try again
+            if same:
+                self._lock = fd
+                return
+            os.close(fd)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path)
+            os.close(self._lock)
+            self._lock = None
+
+    def _check_destination(self) -> None:
         if self.dest.exists() and not self.dest.is_dir():
             raise ResidualsError(f"{self.dest} exists and is a file.", "Choose another output folder.")
-        if self.dest.is_dir() and any(self.dest.iterdir()) and not self.overwrite:
+        if not self.dest.is_dir() or not any(self.dest.iterdir()):
+            return
+        if not self.overwrite:
             raise ResidualsError(
                 f"The output folder {self.dest} already exists and is not empty.",
                 "Choose a new folder, or pass overwrite=True (--overwrite) to replace it once the new one is complete.",
             )
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.dest)
-        self.path.mkdir()
-        return self
+        foreign = sorted(
+            p.name
+            for p in self.dest.iterdir()
+            if not (p.is_dir() and p.name in OUTPUT_FOLDERS)
+            and not (p.is_file() and (p.suffix in OUTPUT_SUFFIXES or p.name == ".gitattributes"))
+        )
+        if foreign:
+            raise ResidualsError(
+                f"{self.dest} holds more than a model ({', '.join(foreign[:3])}"
+                + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                + "): --overwrite only replaces a folder of model files, such as an earlier result.",
+                "Choose a new output folder, or move those files away first.",
+            )
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
+    def _publish(self) -> None:
         old = None
         if self.dest.exists():
+            if not self.overwrite and (not self.dest.is_dir() or any(self.dest.iterdir())):
+                raise ResidualsError(
+                    f"{self.dest} appeared while this run was writing (another program wrote it); it was left as it was.",
+                    "Choose a new output folder, or pass --overwrite to replace it.",
+                )
             old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.dest, old)
         if self.fsync:
             _fsync_tree(self.path)
-        os.rename(self.path, self.dest)
+        try:
+            os.rename(self.path, self.dest)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.dest)  # the earlier result stays as it was
+            raise
         if self.fsync:
             _fsync_path(self.dest.parent)
         if old is not None:
@@ -181,9 +341,15 @@ class HubRepoSink(Sink):
     """Stream a result into a Hub model repo: shards uploaded as they finish, one commit at the end."""
 
     def __init__(
-        self, repo_id: str, options: Options, *, commit_message: str = "Upload with Residuals Studio"
+        self,
+        repo_id: str,
+        options: Options,
+        *,
+        commit_message: str = "Upload with Residuals Studio",
+        inputs: list[str] = (),
     ):
         self.requested = repo_id
+        self.inputs = [name.removeprefix("hf://") for name in inputs]
         self.options = options
         self.commit_message = commit_message
         self.repo_id = repo_id
@@ -208,14 +374,23 @@ class HubRepoSink(Sink):
 
         self._api = HfApi(token=self.options.token)
         self.repo_id = writable_repo_id(self._api, self.requested)
+        if self.repo_id in self.inputs:
+            raise ResidualsError(
+                f"--push-to {self.repo_id} is one of this run's inputs: the result would replace its files.",
+                "Push to a new repo (e.g. add -merged to the name).",
+            )
         with hub_errors(self.repo_id, None):
             existed = self._api.repo_exists(self.repo_id)
             url = self._api.create_repo(self.repo_id, private=self.options.private, exist_ok=True)
         self._created = not existed
         self.location = str(url)
         folder = work_dir(self.options)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=".residuals-push-", dir=folder))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=".residuals-push-", dir=folder))
+        except OSError as exc:
+            self._discard()
+            raise from_os_error(exc, f"Making the upload staging folder in {folder}") from exc
         # one uploader per slot: the last two shards go up side by side, which shortens the tail
         self._threads = [
             threading.Thread(target=self._upload_shards, name=f"hub-upload-{i}", daemon=True)
@@ -269,6 +444,10 @@ class HubRepoSink(Sink):
         try:
             if exc_type is not None:
                 self._discard()
+                if isinstance(exc, OSError):
+                    raise from_os_error(
+                        exc, f"Staging the upload to {self.repo_id} in {self.path.parent}"
+                    ) from exc
                 return
             try:
                 self._check_uploads()

@@ -8,7 +8,6 @@ PAD added when missing, embeddings resized, new rows zeroed (transformers mean-i
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -74,11 +73,27 @@ def tokenizer_length(folder: Path) -> int | None:
         # added token that only tokenizer_config.json declares
         from tokenizers import Tokenizer
 
-        count = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        from .checkpoint import read_json
+
+        try:
+            count = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        except Exception as exc:  # the tokenizers library raises its own untyped Exception
+            raise ResidualsError(
+                f"{folder / 'tokenizer.json'} is not a readable tokenizer ({exc}).",
+                "Copy or download the tokenizer files again, or pass the right tokenizer explicitly "
+                "(--instruct-tokenizer / instruct_tokenizer_name).",
+            ) from None
         config = folder / "tokenizer_config.json"
         if config.is_file():
-            declared = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
-            count = max([count, *(int(i) + 1 for i in declared)])
+            declared = read_json(config).get("added_tokens_decoder") or {}
+            try:
+                ids = [int(i) for i in declared]
+            except (TypeError, ValueError):
+                raise ResidualsError(
+                    f"{config}: added_tokens_decoder has keys that are not token ids.",
+                    'Fix or replace tokenizer_config.json (its keys are token ids such as "32000").',
+                ) from None
+            count = max([count, *(i + 1 for i in ids)])
         return count
     return len(load_tokenizer(folder))
 

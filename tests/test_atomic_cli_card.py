@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from tiny_models import load_state
 from transformers import AutoModelForCausalLM
 
-from residuals_core import Residuals, compute_residuals
+from residuals_core import Residuals, ResidualsError, compute_residuals
 from residuals_core.card import merged_card
 from residuals_core.writer import file_digest
 
@@ -151,7 +151,9 @@ def test_write_error_surfaces_and_leaves_nothing(tmp_path, families, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writer_module.os, "write", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        ResidualsError, match=r"Writing the output folder .*out failed: there is no space left"
+    ):
         merge_models(fam["base"], fam["instruct"], fam["base"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
