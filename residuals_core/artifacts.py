@@ -20,6 +20,7 @@ from . import arithmetic, card, stats
 from .checkpoint import Checkpoint, TensorInfo, dtype_name, read_json
 from .config import ResidualsConfig, build_config, shapes_hash
 from .errors import ResidualsError
+from .hub import HUB_PREFIX, is_hub_id
 from .manifest import read_manifest, write_manifest
 from .tokenizer import copy_tokenizer, has_tokenizer, load_tokenizer, tokenizer_length
 
@@ -49,6 +50,21 @@ class TokenizerChoice:
     name: str | None
     length: int | None
     save: Callable[[Path], Any] | None
+
+
+def public_name(name: str | os.PathLike | None) -> str | None:
+    """How a result names an input: a Hub id as it is, a local folder by its name only.
+
+    Configs, manifests and cards travel (pushed to the Hub, shared, downloaded by strangers): a
+    path in them tells everyone where things live on one machine (a Space's session folders, a
+    home directory) and means nothing anywhere else.
+    """
+    if name is None:
+        return None
+    text = str(name)
+    if is_hub_id(text):
+        return text.removeprefix(HUB_PREFIX)
+    return Path(text.rstrip("/")).name or text
 
 
 def instruct_tokenizer_choice(
@@ -125,11 +141,16 @@ def write_residuals_files(
     _copy_generation_config([generation_config], folder)
     if config is None:
         config = build_config(
-            infos, tokenizer_name=tokenizer.name, base_model_name=base_name, instruct_model_name=instruct_name
+            infos,
+            tokenizer_name=public_name(tokenizer.name),
+            base_model_name=public_name(base_name),
+            instruct_model_name=public_name(instruct_name),
         )
     else:
         config.shapes_hash, config.parameter_names_hash = shapes_hash(infos)
         config.param_count = len(infos)
+        for key in ("tokenizer_name", "base_model_name", "instruct_model_name"):
+            setattr(config, key, public_name(getattr(config, key)))
     if license is not None:
         config.license = license
     if language is not None:
@@ -191,6 +212,7 @@ def write_model_files(
     vocabulary holds it, else the target's own: one rule for apply and merge alike.
     """
     before = set(os.listdir(folder))
+    lineage = {role: public_name(name) for role, name in lineage.items()}
     _write_json(folder / "config.json", merged_model_config(target, plan, out_dtype))
     rows = plan.vocab_rows or target.vocab_size
     if tokenizer.save is not None and (rows is None or (tokenizer.length or 0) <= rows):

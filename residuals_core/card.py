@@ -94,7 +94,7 @@ from residuals_core import Residuals
 
 res = Residuals.from_pretrained("{name}")
 # stream base + residuals into a new model folder, one tensor at a time
-Residuals.apply_to_pretrained(model="{base or "path/to/your-cpt-base"}", residuals="{name}", out_dir="merged")
+Residuals.apply_to_pretrained(model="{hub_id_or_none(base) or "path/to/your-cpt-base"}", residuals="{name}", out_dir="merged")
 
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("merged")

@@ -565,7 +565,7 @@ def hub_weight_locations(
     commit: str,
     siblings: list[Any],
     small_files: Path,
-    token: str | None,
+    token: str | bool | None,
     *,
     allow_pickle: bool = False,
 ) -> list[HubLocation]:

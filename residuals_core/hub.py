@@ -47,8 +47,14 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+HUB_PREFIX = "hf://"  # names the Hub explicitly: never read as a local folder, whatever exists on disk
+
+
 def is_hub_id(name: str) -> bool:
-    """True for 'org/model' style ids that are not an existing local path."""
+    """True for 'org/model' style ids that are not an existing local path, and for any 'hf://org/model'."""
+    if name.startswith(HUB_PREFIX):
+        bare = name.removeprefix(HUB_PREFIX)
+        return not looks_like_local_path(bare) and bool(HUB_ID.match(bare))
     return (
         not Path(name).expanduser().exists() and not looks_like_local_path(name) and bool(HUB_ID.match(name))
     )
@@ -124,7 +130,7 @@ def open_hub_model(
     repo_id: str,
     *,
     revision: str | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
@@ -177,7 +183,7 @@ def resolve_model_folder(
     name_or_path: str | os.PathLike,
     *,
     revision: str | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """A local folder as is, or a Hub id downloaded whole into the cache (for transformers to load).
@@ -242,7 +248,7 @@ def push_folder(
     repo_id: str,
     *,
     private: bool = False,
-    token: str | None = None,
+    token: str | bool | None = None,
     exist_ok: bool = True,
     commit_message: str = "Upload with Residuals Studio",
     readme: str | None = None,

@@ -24,6 +24,7 @@ from .artifacts import (
     architecture_of,
     folder_tokenizer,
     instruct_tokenizer_choice,
+    public_name,
     render_card,
     write_model_files,
     write_residuals_files,
@@ -382,7 +383,8 @@ def apply_residuals(
         )
         if read_manifest(res_ck.folder) is None:
             plan.notes.append(
-                f"{residuals} has no {MANIFEST_NAME} (it was written by another tool, e.g. the residuals package): "
+                f"{public_name(residuals)} has no {MANIFEST_NAME} (it was written by another tool, e.g. the "
+                "residuals package): "
                 "its files could not be checked against recorded checksums"
             )
         return _merge_into(
@@ -522,7 +524,7 @@ def push_to_hub(
     repo_id: str,
     *,
     private: bool = False,
-    token: str | None = None,
+    token: str | bool | None = None,
     exist_ok: bool = True,
 ) -> str:
     """Push a finished residuals or merged-model folder with its card rewritten for `repo_id`; returns the URL."""
@@ -539,7 +541,7 @@ def check_compatibility(
     target: str | os.PathLike | None = None,
     normalize_embeddings: bool = True,
     dtype: str | torch.dtype = torch.float32,
-    token: str | None = None,
+    token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """What compute (or merge, with `target`) would do, from headers alone: seconds, no weight read.
@@ -581,7 +583,7 @@ def check_compatibility(
 
 
 @reports_os_errors
-def inspect_residuals(path: str | os.PathLike, *, token: str | None = None) -> dict[str, Any]:
+def inspect_residuals(path: str | os.PathLike, *, token: str | bool | None = None) -> dict[str, Any]:
     """Per-layer and per-module norms of a residuals (or merged) folder or Hub repo."""
     checkpoint, config = open_residuals(path, options=Options(token=token))
     manifest = read_manifest(checkpoint.folder) or {}
@@ -601,7 +603,9 @@ def inspect_residuals(path: str | os.PathLike, *, token: str | None = None) -> d
 
 
 @reports_os_errors
-def compare_residuals(a: str | os.PathLike, b: str | os.PathLike, *, token: str | None = None) -> list[dict]:
+def compare_residuals(
+    a: str | os.PathLike, b: str | os.PathLike, *, token: str | bool | None = None
+) -> list[dict]:
     """Per-layer cosine similarity of two residual sets (e.g. two versions of one family)."""
     first, _ = open_residuals(a, options=Options(token=token), verify=False)
     second, _ = open_residuals(b, options=Options(token=token), verify=False)
@@ -609,6 +613,6 @@ def compare_residuals(a: str | os.PathLike, b: str | os.PathLike, *, token: str 
         return stats.cosine_by_layer(first, second)
 
 
-def resolve_for_generation(name_or_path: str | os.PathLike, *, token: str | None = None) -> str:
+def resolve_for_generation(name_or_path: str | os.PathLike, *, token: str | bool | None = None) -> str:
     """A local folder for transformers to load: the folder itself, or a Hub id's downloaded snapshot."""
     return str(hub.resolve_model_folder(name_or_path, token=token))

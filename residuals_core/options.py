@@ -31,7 +31,8 @@ class Options:
     - overwrite: replace an existing output folder once the new one is complete
     - fsync: flush outputs before renaming them into place; direct_io: write weights with O_DIRECT
     - token, cache_dir, allow_pickle, read_ahead_bytes: how inputs are read (cache_dir holds
-      only a Hub model's small files: config, tokenizer, card)
+      only a Hub model's small files: config, tokenizer, card); token=False sends no token at all,
+      not even the machine's own, which is what a hosted app gives a visitor who is not logged in
     - push_to, private: write straight into this Hub repo instead of a folder
     - work_dir: where a Hub output's shards wait for their upload (default: the temp folder)
     - progress: callback (done, total, tensor name)
@@ -43,7 +44,7 @@ class Options:
     overwrite: bool = False
     fsync: bool = False
     direct_io: bool = True
-    token: str | None = None
+    token: str | bool | None = None  # None: the machine's own login (HF_TOKEN); False: send none
     cache_dir: str | os.PathLike | None = None
     allow_pickle: bool = False
     read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES

@@ -87,7 +87,7 @@ class HubLocation:
     filename: str
     size: int
     sha256: str | None  # the LFS oid; None for a file the Hub stores in git (small files only)
-    token: str | None = None
+    token: str | bool | None = None
 
 
 class ReadStats:

@@ -278,6 +278,7 @@ def test_usage_code_in_card_runs(tmp_path, families, monkeypatch):
     text = (tmp_path / "res" / "README.md").read_text()
     code = text.split("```python", 1)[1].split("```", 1)[0]
     code = code.replace('"res"', repr(str(tmp_path / "res")))
+    code = code.replace('"path/to/your-cpt-base"', repr(str(fam["base"])))  # a local base: a placeholder
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "card-usage", "exec"), {})
     assert (tmp_path / "merged" / "model.safetensors").is_file()
