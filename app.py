@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import os
 import shutil
 import tempfile
@@ -21,11 +22,18 @@ from residuals_core import ResidualsError, apply_residuals, compute_residuals, m
 from residuals_core.demo import DEMO_FAMILY, QUESTIONS, World
 from residuals_core.demo import prompt as demo_prompt
 from residuals_core.generation import complete, load_causal_lm
+from residuals_core.hosting import SESSION_MERGED, SESSION_RESIDUALS, InputPolicy, visitor_token
+from residuals_core.options import Options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEMO = {name: str(DEMO_FAMILY / name) for name in ("base-v1", "instruct-v1", "base-v2")}
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
 HEAVY_JOBS = int(os.environ.get("STUDIO_CONCURRENCY", "1"))
+MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
+POLICY = InputPolicy(on_space=ON_SPACE, demo_family=DEMO_FAMILY)
+FIELD_HINT = "Hub id or demo model" if ON_SPACE else "Hub id, local folder or demo model"
+FROM_SESSION = "this session's Compute result"  # the radio choice for SESSION_RESIDUALS
+MOCK_OAUTH = "mock-oauth-token-for-local-dev"  # gradio's stand-in login when not on a Space
 
 INTRO = """# Residuals Studio
 **Instruction residuals** R = θ_instruct − θ_base (Jindal et al. 2024; task arithmetic, Ilharco et al. 2022).
@@ -40,13 +48,34 @@ push the result to your own Hub account. The fields start with a tiny bundled de
 
 # ---- per-session workspace --------------------------------------------------------------------------
 def new_workspace() -> dict[str, Any]:
-    """Each browser session works in its own temporary folder, removed when the session ends."""
-    return {"dir": tempfile.mkdtemp(prefix="studio-"), "residuals": None, "merged": None}
+    """Each browser session works in its own temporary folder, removed when the session ends.
+
+    Its zips go to a folder of their own inside Gradio's cache, so that Gradio serves them without
+    copying them into its cache (copies it would never delete) and they go with the session.
+    """
+    downloads = Path(gr.utils.get_upload_folder()) / "studio-downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    return {
+        "dir": tempfile.mkdtemp(prefix="studio-"),
+        "downloads": tempfile.mkdtemp(prefix="session-", dir=downloads),
+        "residuals": None,
+        "merged": None,
+    }
 
 
 def drop_workspace(workspace: dict[str, Any] | None) -> None:
     if workspace:
         shutil.rmtree(workspace["dir"], ignore_errors=True)
+        shutil.rmtree(workspace.get("downloads") or workspace["dir"], ignore_errors=True)
+
+
+def _session(workspace: dict[str, Any]) -> dict[str, str | None]:
+    return {SESSION_RESIDUALS: workspace.get("residuals"), SESSION_MERGED: workspace.get("merged")}
+
+
+def _model(text: str | None, role: str, workspace: dict[str, Any]) -> str:
+    """What a model field names, by the host's rules (on a Space: Hub ids, demo models, session results)."""
+    return POLICY.resolve(text, role=role, session=_session(workspace))
 
 
 def _fresh_dir(workspace: dict[str, Any], name: str) -> Path:
@@ -55,9 +84,17 @@ def _fresh_dir(workspace: dict[str, Any], name: str) -> Path:
     return path
 
 
-def _zip(folder: Path) -> str:
-    archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
-    return archive
+def _zip(folder: Path, workspace: dict[str, Any]) -> tuple[str | None, str]:
+    """The result as one zip in the session's downloads (once), or none when it is too large to serve."""
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if size > MAX_ZIP_BYTES:
+        return None, (
+            f"\n\nThe result is {_size(size)}, more than this Space zips ({_size(MAX_ZIP_BYTES)}): push it to your "
+            "Hub account below to get it out."
+        )
+    base = Path(workspace["downloads"]) / folder.name
+    archive = shutil.make_archive(str(base), "zip", root_dir=folder)
+    return archive, f"\n\nDownload: a {_size(Path(archive).stat().st_size)} zip below."
 
 
 def ui_errors(fn):
@@ -67,14 +104,33 @@ def ui_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ResidualsError as exc:
-            raise gr.Error(f"{exc.problem} — {exc.fix}", duration=None) from exc
+        except ResidualsError as exc:  # escaped: a field's text reaches the message as text, never as HTML
+            raise gr.Error(html.escape(f"{exc.problem} — {exc.fix}"), duration=None) from exc
 
     return wrapper
 
 
-def _token(field: str | None) -> str | None:
-    return (field or "").strip() or None
+def _token(field: str | None, oauth_token: gr.OAuthToken | None = None) -> str | bool | None:
+    """The token a visitor's reads carry: their own login on a Space (or none at all), never the Space's."""
+    login = oauth_token.token if oauth_token is not None and oauth_token.token != MOCK_OAUTH else None
+    return visitor_token(ON_SPACE, login, field)
+
+
+def _check_scale(scale: float) -> float:
+    """α as the slider allows it: typed or sent values outside (0, 2] are refused, not clamped."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise gr.Error(f"α must be a number, not {html.escape(repr(scale))}.") from None
+    if value == 0:
+        raise gr.Error(
+            "α = 0 adds nothing: the result would be the target model itself. Choose α > 0 (1.0 adds the residuals once)."
+        )
+    if not 0 < value <= 2:
+        raise gr.Error(
+            f"α = {value:g} is outside the range this Space applies (0 < α ≤ 2). Choose a value in it."
+        )
+    return value
 
 
 def _progress(progress: gr.Progress, label: str):
@@ -85,14 +141,23 @@ def _progress(progress: gr.Progress, label: str):
 
 
 def _gpu_seconds(*args, **kwargs) -> int:
-    """ZeroGPU duration from the inputs' size on disk (headers only; ≈0.5 GB/s plus start-up), 60–900 s."""
+    """ZeroGPU duration from the inputs' size on disk (headers only; ≈0.5 GB/s plus start-up), 60–900 s.
+
+    The fields are read by the same rules and with the same token as the job itself.
+    """
+    values = [*args, *kwargs.values()]
+    workspace = next((v for v in values if isinstance(v, dict) and "dir" in v), {})
+    oauth = next((v for v in values if isinstance(v, gr.OAuthToken)), None)
+    token = _token(None, oauth)
     size = 0
-    for value in args:
-        if not isinstance(value, str) or "/" not in value or "\n" in value:
-            continue  # only model ids (org/name) and folders count
+    for value in values:
+        if not isinstance(value, str) or ("/" not in value and ":" not in value) or "\n" in value:
+            continue  # only model ids (org/name), demo names and folders count
         try:
-            size += operations.open_model(value.strip(), role="input").total_bytes
-        except Exception:  # not a model (a dtype, a radio choice…) or unreachable: count nothing
+            size += operations.open_model(
+                _model(value, "input", workspace), role="input", options=Options(token=token)
+            ).total_bytes
+        except Exception:  # not a model (a dtype, a radio choice…), refused or unreachable: count nothing
             continue
     return int(min(900, 60 + 2 * size / 1e9))
 
@@ -153,10 +218,23 @@ def _require_pair(base: str, instruct: str) -> None:
 
 
 @ui_errors
-def check_models(base: str, instruct: str, dtype: str, normalize: bool, token: str | None) -> str:
+def check_models(
+    base: str,
+    instruct: str,
+    dtype: str,
+    normalize: bool,
+    token: str | None,
+    workspace: dict[str, Any] | None = None,
+    oauth_token: gr.OAuthToken | None = None,
+) -> str:
     _require_pair(base, instruct)
+    workspace = workspace or {}
     report = operations.check_compatibility(
-        base.strip(), instruct.strip(), normalize_embeddings=normalize, dtype=dtype, token=_token(token)
+        _model(base, "base model", workspace),
+        _model(instruct, "instruct model", workspace),
+        normalize_embeddings=normalize,
+        dtype=dtype,
+        token=_token(token, oauth_token),
     )
     sizes = ", ".join(f"`{k}` {_size(v)}" for k, v in report["size_on_disk"].items())
     notes = "".join(f"\n- note: {n}" for n in report["notes"])
@@ -181,17 +259,22 @@ def compute(
     token: str | None,
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects it)
+    oauth_token: gr.OAuthToken | None = None,
 ):
     _require_pair(base, instruct)  # compute itself rejects incompatible models from headers, before work
+    base_model, instruct_model = (
+        _model(base, "base model", workspace),
+        _model(instruct, "instruct model", workspace),
+    )
     out = _fresh_dir(workspace, "residuals")
     with job_cache(workspace) as cache:
         result = compute_residuals(
-            base.strip(),
-            instruct.strip(),
+            base_model,
+            instruct_model,
             out,
             dtype=dtype,
             normalize_embeddings=normalize,
-            token=_token(token),
+            token=_token(token, oauth_token),
             cache_dir=cache,
             device=DEVICE,
             progress=_progress(progress, "computing"),
@@ -209,28 +292,35 @@ def compute(
         f"‖R‖/‖θ_base‖ = {result.summary['relative'] or 0:.3g}. {exact}.\n\n"
         "Next: **Apply** them to your continued-pre-trained base, **Inspect** them, or push them to the Hub below."
     )
-    name = Path(instruct.strip().rstrip("/")).name + "-residuals"
+    archive, download = _zip(result.path, workspace)
+    name = _repo_name(instruct) + "-residuals"
     return (
-        summary,
+        summary + download,
         layer_frame(result.summary),
         module_heatmap(result.summary),
-        _zip(result.path),
+        archive,
         workspace,
         name,
     )
 
 
+def _repo_name(field: str) -> str:
+    """A default repo name from a model field: the model's own name, whatever its kind."""
+    return Path(field.strip().rstrip("/").removeprefix("demo:")).name
+
+
 # ---- Apply / merge ----------------------------------------------------------------------------------
 def _residuals_source(source: str, path: str, workspace: dict[str, Any]) -> str:
-    if source == "this session's Compute result":
+    if source == FROM_SESSION:
         if not workspace.get("residuals"):
             raise gr.Error(
-                "No residuals in this session yet: run the Compute tab first, or choose a Hub id / path."
+                "No residuals in this session yet: run the Compute tab first, or choose a Hub id"
+                + ("." if ON_SPACE else " / folder.")
             )
         return workspace["residuals"]
     if not path.strip():
-        raise gr.Error("Give the residuals' Hub id or local folder.")
-    return path.strip()
+        raise gr.Error("Give the residuals' Hub id" + ("." if ON_SPACE else " or local folder."))
+    return _model(path, "residuals", workspace)
 
 
 def _merged_summary(result, what: str) -> str:
@@ -253,10 +343,12 @@ def apply(
     token: str | None,
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008
+    oauth_token: gr.OAuthToken | None = None,
 ):
+    scale = _check_scale(scale)
     residuals = _residuals_source(source, residuals_path, workspace)
     if not target.strip():
-        raise gr.Error("Give the target model (your continued-pre-trained base): a Hub id or a local folder.")
+        raise gr.Error("Give the target model (your continued-pre-trained base): a Hub id or a demo model.")
     return _into_merged(
         workspace,
         apply_residuals,
@@ -264,10 +356,10 @@ def apply(
         target,
         scale,
         dtype,
-        token,
+        _token(token, oauth_token),
         progress,
         "applying",
-        f"`{target.strip()}` + {scale:g}·R",
+        f"`{html.escape(target.strip())}` + {scale:g}·R",
     )
 
 
@@ -275,22 +367,24 @@ def _into_merged(
     workspace, operation, inputs: tuple, target: str, scale, dtype, token, progress, label: str, what: str
 ):
     """Run apply or merge into the session's `merged` folder with a per-job Hub cache."""
+    target_model = _model(target, "target model", workspace)
     out = _fresh_dir(workspace, "merged")
     with job_cache(workspace) as cache:
         result = operation(
             *inputs,
-            target.strip(),
+            target_model,
             out,
             scale=scale,
             dtype=None if dtype == "same as target" else dtype,
-            token=_token(token),
+            token=token,
             cache_dir=cache,
             device=DEVICE,
             progress=_progress(progress, label),
         )
     workspace["merged"] = str(result.path)
-    name = Path(target.strip().rstrip("/")).name + "-plus-residuals"
-    return _merged_summary(result, what), _zip(result.path), workspace, name
+    archive, download = _zip(result.path, workspace)
+    name = _repo_name(target) + "-plus-residuals"
+    return _merged_summary(result, what) + download, archive, workspace, name
 
 
 @spaces.GPU(duration=_gpu_seconds)
@@ -304,17 +398,19 @@ def merge(
     token: str | None,
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008
+    oauth_token: gr.OAuthToken | None = None,
 ):
+    scale = _check_scale(scale)
     if not (base.strip() and instruct.strip() and target.strip()):
         raise gr.Error("Fill in base, instruct and target models for a one-pass merge.")
     return _into_merged(
         workspace,
         merge_models,
-        (base.strip(), instruct.strip()),
+        (_model(base, "base model", workspace), _model(instruct, "instruct model", workspace)),
         target,
         scale,
         dtype,
-        token,
+        _token(token, oauth_token),
         progress,
         "merging",
         "one pass",
@@ -323,20 +419,29 @@ def merge(
 
 # ---- Inspect ----------------------------------------------------------------------------------------
 @ui_errors
-def inspect(source: str, path: str, compare: str, token: str | None, workspace: dict[str, Any]):
+def inspect(
+    source: str,
+    path: str,
+    compare: str,
+    token: str | None,
+    workspace: dict[str, Any],
+    oauth_token: gr.OAuthToken | None = None,
+):
     target = _residuals_source(source, path, workspace)
-    report = operations.inspect_residuals(target, token=_token(token))
+    read_token = _token(token, oauth_token)
+    report = operations.inspect_residuals(target, token=read_token)
     relative = f", ‖R‖/‖θ_base‖ = {report['relative']:.3g}" if report.get("relative") else ""
     summary = (
-        f"**{report['instruct_model']} − {report['base_model']}** ({report['dtype']}, {report['tensors']} tensors): "
-        f"total ‖R‖ = {report['total_norm']:.4g}{relative}."
+        f"**{html.escape(str(report['instruct_model']))} − {html.escape(str(report['base_model']))}** "
+        f"({report['dtype']}, {report['tensors']} tensors): total ‖R‖ = {report['total_norm']:.4g}{relative}."
     )
     cosine = pd.DataFrame(columns=["layer", "cosine"])
     if compare.strip():
-        rows = operations.compare_residuals(target, compare.strip(), token=_token(token))
+        other = _model(compare, "comparison residuals", workspace)
+        rows = operations.compare_residuals(target, other, token=read_token)
         cosine = pd.DataFrame(rows, columns=["layer", "cosine"]).fillna(0.0)
         mean = cosine["cosine"].mean() if len(cosine) else 0.0
-        summary += f"\n\nCompared with `{compare.strip()}`: mean per-layer cosine similarity **{mean:.3f}**."
+        summary += f"\n\nCompared with `{html.escape(compare.strip())}`: mean per-layer cosine similarity **{mean:.3f}**."
     layers = layer_frame(report)
     return (
         summary,
@@ -349,7 +454,7 @@ def inspect(source: str, path: str, compare: str, token: str | None, workspace: 
 
 
 # ---- Try ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=6)
+@functools.lru_cache(maxsize=3)
 def _cached_model(path: str, mtime: float):
     return load_causal_lm(path, device=DEVICE)
 
@@ -366,22 +471,29 @@ def _generate(path: str, text: str) -> str:
 
 @spaces.GPU(duration=60)
 @ui_errors
-def try_models(text: str, cpt_base: str, instruct: str, workspace: dict[str, Any], progress=gr.Progress()):  # noqa: B008
+def try_models(
+    text: str,
+    cpt_base: str,
+    instruct: str,
+    workspace: dict[str, Any],
+    progress=gr.Progress(),  # noqa: B008
+    merged: str = SESSION_MERGED,
+    token: str | None = None,
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """The three models on one prompt; the merged one is this session's, or the one named — never a stand-in."""
     if not text.strip():
         raise gr.Error("Type a prompt (or pick an example) first.")
-    merged = workspace.get("merged")
-    if not merged:
-        progress(0.1, desc="no merged model yet: merging the demo family")
-        merged = str(
-            merge_models(
-                DEMO["base-v1"], DEMO["instruct-v1"], DEMO["base-v2"], _fresh_dir(workspace, "merged")
-            ).path
-        )
-        workspace["merged"] = merged
+    read_token = _token(token, oauth_token)
+    models = [
+        _model(cpt_base, "CPT'd base", workspace),
+        _model(merged, "merged model", workspace),
+        _model(instruct, "instruct model", workspace),
+    ]
     outputs = []
-    for index, path in enumerate((cpt_base.strip(), merged, instruct.strip())):
+    for index, model in enumerate(models):
         progress((index, 3), desc="generating")
-        outputs.append(_generate(operations.resolve_for_generation(path), text))
+        outputs.append(_generate(operations.resolve_for_generation(model, token=read_token), text))
     return (*outputs, workspace)
 
 
@@ -404,11 +516,12 @@ def _push(kind: str, repo_name: str, private: bool, token_field: str | None, wor
             f"Nothing to push yet: {'compute residuals' if kind == 'residuals' else 'apply or merge'} first."
         )
     token = None
-    if oauth_token is not None and oauth_token.token != "mock-oauth-token-for-local-dev":
-        token = oauth_token.token  # the logged-in user's token on the Space
-    elif oauth_token is not None:
+    if oauth_token is not None and oauth_token.token != MOCK_OAUTH:
+        token = oauth_token.token  # the logged-in visitor's own token
+    elif oauth_token is not None and not ON_SPACE:
         token = get_token()  # locally, gradio mocks the login with this machine's token
-    token = _token(token_field) or token
+    if not ON_SPACE:
+        token = (token_field or "").strip() or token  # on a Space there is no token field
     if token is None:
         raise gr.Error(
             "You are not logged in: click 'Sign in with Hugging Face' above"
@@ -460,17 +573,20 @@ def build() -> gr.Blocks:
                     "Running locally without a Hub token: everything works offline; to push, paste a write "
                     "token in the field below or start the app with `HF_TOKEN` set."
                 )
-            token = gr.Textbox(
-                label="Access token (optional: gated/private models, or pushing when running locally)",
-                type="password",
-                placeholder="hf_…",
-            )
+            if ON_SPACE:  # a visitor's reads and pushes use their own login; nothing typed, nothing stored
+                token = gr.State(None)
+            else:
+                token = gr.Textbox(
+                    label="Access token (optional: gated/private models, or pushing when running locally)",
+                    type="password",
+                    placeholder="hf_…",
+                )
 
         with gr.Tab("Compute"):
             with gr.Row():
-                base = gr.Textbox(label="Base model (Hub id or local folder)", value=DEMO["base-v1"])
+                base = gr.Textbox(label=f"Base model ({FIELD_HINT})", value=POLICY.demo_name("base-v1"))
                 instruct = gr.Textbox(
-                    label="Instruct model (Hub id or local folder)", value=DEMO["instruct-v1"]
+                    label=f"Instruct model ({FIELD_HINT})", value=POLICY.demo_name("instruct-v1")
                 )
             with gr.Row():
                 dtype = gr.Dropdown(
@@ -496,15 +612,9 @@ def build() -> gr.Blocks:
 
         with gr.Tab("Apply"):
             gr.Markdown("Add α·R to a target model — typically your continued-pre-trained base.")
-            source = gr.Radio(
-                ["this session's Compute result", "Hub id or local folder"],
-                value="this session's Compute result",
-                label="Residuals",
-            )
-            residuals_path = gr.Textbox(
-                label="Residuals (Hub id or local folder)", placeholder="org/residuals"
-            )
-            target = gr.Textbox(label="Target model (your CPT'd base)", value=DEMO["base-v2"])
+            source = gr.Radio([FROM_SESSION, f"named ({FIELD_HINT})"], value=FROM_SESSION, label="Residuals")
+            residuals_path = gr.Textbox(label=f"Residuals ({FIELD_HINT})", placeholder="org/residuals")
+            target = gr.Textbox(label="Target model (your CPT'd base)", value=POLICY.demo_name("base-v2"))
             with gr.Row():
                 scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Scale α")
                 out_dtype = gr.Dropdown(
@@ -515,9 +625,9 @@ def build() -> gr.Blocks:
             apply_button = gr.Button("Apply residuals", variant="primary")
             with gr.Accordion("…or merge three models in one pass (no residuals written)", open=False):
                 with gr.Row():
-                    m_base = gr.Textbox(label="Base", value=DEMO["base-v1"])
-                    m_inst = gr.Textbox(label="Instruct", value=DEMO["instruct-v1"])
-                    m_target = gr.Textbox(label="Target (CPT'd base)", value=DEMO["base-v2"])
+                    m_base = gr.Textbox(label="Base", value=POLICY.demo_name("base-v1"))
+                    m_inst = gr.Textbox(label="Instruct", value=POLICY.demo_name("instruct-v1"))
+                    m_target = gr.Textbox(label="Target (CPT'd base)", value=POLICY.demo_name("base-v2"))
                 merge_button = gr.Button("One-pass merge")
             apply_status = gr.Markdown()
             apply_zip = gr.File(label="Download the merged model (zip)")
@@ -525,11 +635,9 @@ def build() -> gr.Blocks:
 
         with gr.Tab("Inspect"):
             i_source = gr.Radio(
-                ["this session's Compute result", "Hub id or local folder"],
-                value="this session's Compute result",
-                label="Residuals",
+                [FROM_SESSION, f"named ({FIELD_HINT})"], value=FROM_SESSION, label="Residuals"
             )
-            i_path = gr.Textbox(label="Residuals (Hub id or local folder)")
+            i_path = gr.Textbox(label=f"Residuals ({FIELD_HINT})")
             i_compare = gr.Textbox(
                 label="Compare with another residual set (optional: e.g. another version of the family)"
             )
@@ -561,8 +669,9 @@ def build() -> gr.Blocks:
                 "(CPT'd base + residuals) and the old instruct model (follows instructions, lacks the new knowledge)."
             )
             with gr.Row():
-                t_base = gr.Textbox(label="CPT'd base", value=DEMO["base-v2"])
-                t_inst = gr.Textbox(label="Instruct model", value=DEMO["instruct-v1"])
+                t_base = gr.Textbox(label="CPT'd base", value=POLICY.demo_name("base-v2"))
+                t_merged = gr.Textbox(label="Merged model", value=SESSION_MERGED)
+                t_inst = gr.Textbox(label="Instruct model", value=POLICY.demo_name("instruct-v1"))
             examples = example_prompts()
             t_prompt = gr.Textbox(label="Prompt", value=examples[0] if examples else "", lines=2)
             if examples:
@@ -574,38 +683,51 @@ def build() -> gr.Blocks:
                 out_inst = gr.Textbox(label="Instruct model", lines=4)
 
         heavy = {"concurrency_limit": HEAVY_JOBS, "concurrency_id": "heavy"}
-        check_button.click(check_models, [base, instruct, dtype, normalize, token], compute_status)
+        # every action has a stable api_name: the README shows them with gradio_client
+        check_button.click(
+            check_models,
+            [base, instruct, dtype, normalize, token, workspace],
+            compute_status,
+            api_name="check",
+        )
         compute_button.click(
             compute,
             [base, instruct, dtype, normalize, token, workspace],
             [compute_status, compute_bar, compute_heat, compute_zip, workspace, res_repo],
+            api_name="compute",
             **heavy,
         )
         apply_button.click(
             apply,
             [source, residuals_path, target, scale, out_dtype, token, workspace],
             [apply_status, apply_zip, workspace, m_repo],
+            api_name="apply",
             **heavy,
         )
         merge_button.click(
             merge,
             [m_base, m_inst, m_target, scale, out_dtype, token, workspace],
             [apply_status, apply_zip, workspace, m_repo],
+            api_name="merge",
             **heavy,
         )
         inspect_button.click(
             inspect,
             [i_source, i_path, i_compare, token, workspace],
             [inspect_status, inspect_bar, inspect_rel, inspect_heat, inspect_table, inspect_cos],
+            api_name="inspect",
         )
         try_button.click(
             try_models,
-            [t_prompt, t_base, t_inst, workspace],
+            [t_prompt, t_base, t_inst, workspace, t_merged, token],
             [out_base, out_merged, out_inst, workspace],
+            api_name="try_models",
             **heavy,
         )
-        res_push.click(push_residuals, [res_repo, res_private, token, workspace], res_status)
-        m_push.click(push_merged, [m_repo, m_private, token, workspace], m_status)
+        res_push.click(
+            push_residuals, [res_repo, res_private, token, workspace], res_status, api_name="push_residuals"
+        )
+        m_push.click(push_merged, [m_repo, m_private, token, workspace], m_status, api_name="push_merged")
     return demo
 
 
@@ -615,4 +737,5 @@ if __name__ == "__main__":
     demo.queue(default_concurrency_limit=4).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        run_history=False,  # the browser's run history would keep every input, tokens included
     )

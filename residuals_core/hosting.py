@@ -1,0 +1,101 @@
+"""What a visitor of a hosted app may name as a model, and with whose token it is read.
+
+A hosted Space is one machine shared by strangers. There a model field accepts a Hub id, a model
+of the bundled demo family by its name (`demo:base-v1`), or one of the visitor's own session
+results by its label (`this session's residuals`) — never a server path, which would reach other
+sessions' results, the Space's files and the shared Hugging Face cache. Run locally, folders are
+accepted too. A visitor's reads carry the visitor's own token, or none: never the Space's secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ResidualsError
+from .hub import HUB_PREFIX, looks_like_local_path
+
+DEMO_PREFIX = "demo:"
+SESSION_RESIDUALS = "this session's residuals"
+SESSION_MERGED = "this session's merged model"
+MAX_NAME_LENGTH = 200  # Hub ids are at most 96 characters; anything longer is not a model name
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """How a typed model name becomes something the engine opens, for one kind of host."""
+
+    on_space: bool
+    demo_family: Path
+    demo_models: tuple[str, ...] = field(default=("base-v1", "instruct-v1", "base-v2"))
+
+    def demo_name(self, model: str) -> str:
+        return DEMO_PREFIX + model
+
+    def resolve(self, text: str | None, *, role: str, session: Mapping[str, str | None] | None = None) -> str:
+        """The model to open for what was typed in the `role` field; refused with what to give instead."""
+        name = (text or "").strip()
+        if not name:
+            raise ResidualsError(f"The {role} field is empty.", self._what_to_give())
+        if len(name) > MAX_NAME_LENGTH:
+            raise ResidualsError(
+                f"The {role} field holds {len(name)} characters, which is not a model name.",
+                self._what_to_give(),
+            )
+        if name.startswith(DEMO_PREFIX):
+            model = name.removeprefix(DEMO_PREFIX)
+            if model not in self.demo_models:
+                raise ResidualsError(
+                    f"{name!r} is not a model of the demo family.",
+                    "The demo family holds " + ", ".join(self.demo_name(m) for m in self.demo_models) + ".",
+                )
+            return str(self.demo_family / model)
+        if name in (SESSION_RESIDUALS, SESSION_MERGED):
+            found = (session or {}).get(name)
+            if not found:
+                step = "Compute" if name == SESSION_RESIDUALS else "Apply (or the one-pass merge)"
+                raise ResidualsError(
+                    f"There is no {name} yet.", f"Run {step} first, or name a model instead."
+                )
+            return found
+        if not self.on_space:
+            return name  # a local run: folders and Hub ids, as the command line takes them
+        return HUB_PREFIX + self._hub_id(name, role)
+
+    def _hub_id(self, name: str, role: str) -> str:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        bare = name.removeprefix(HUB_PREFIX)
+        try:
+            if looks_like_local_path(bare) or "/" not in bare:
+                raise HFValidationError(bare)
+            validate_repo_id(bare)
+        except HFValidationError:
+            raise ResidualsError(
+                f"The {role} field holds {name!r}: on this Space, models are Hub ids, and folders on the "
+                "server cannot be read.",
+                self._what_to_give(),
+            ) from None
+        return bare
+
+    def _what_to_give(self) -> str:
+        demo = ", ".join(self.demo_name(m) for m in self.demo_models)
+        if self.on_space:
+            return (
+                f"Give a Hub model id such as Qwen/Qwen2.5-0.5B, a demo model ({demo}), or "
+                f"'{SESSION_RESIDUALS}' / '{SESSION_MERGED}' for what you made in this session."
+            )
+        return f"Give a Hub model id such as Qwen/Qwen2.5-0.5B, a local folder, or a demo model ({demo})."
+
+
+def visitor_token(on_space: bool, oauth_token: str | None, pasted: str | None = None) -> str | bool | None:
+    """The token a visitor's Hub requests carry.
+
+    On a Space: the visitor's OAuth token when logged in, else False (no token at all — with
+    None, huggingface_hub would send the Space's own HF_TOKEN). Locally: a pasted token, else
+    the machine's own login (None).
+    """
+    if on_space:
+        return oauth_token or False
+    return (pasted or "").strip() or None
