@@ -8,6 +8,7 @@ import html
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +49,42 @@ push the result to your own Hub account. The fields start with a tiny bundled de
 
 # ---- per-session workspace --------------------------------------------------------------------------
 def new_workspace() -> dict[str, Any]:
-    """Each browser session works in its own temporary folder, removed when the session ends.
+    """A session's workspace; its folders are made by its first job (`_ensure_folders`)."""
+    return {"dir": None, "downloads": None, "residuals": None, "merged": None}
+
+
+_SESSIONS: dict[str, dict[str, Any]] = {}  # session hash -> workspace, for removal when the tab closes
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _ensure_folders(workspace: dict[str, Any], request: gr.Request | None) -> dict[str, Any]:
+    """Each session works in its own temporary folder, removed when the session ends.
 
     Its zips go to a folder of their own inside Gradio's cache, so that Gradio serves them without
     copying them into its cache (copies it would never delete) and they go with the session.
     """
-    downloads = Path(gr.utils.get_upload_folder()) / "studio-downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    return {
-        "dir": tempfile.mkdtemp(prefix="studio-"),
-        "downloads": tempfile.mkdtemp(prefix="session-", dir=downloads),
-        "residuals": None,
-        "merged": None,
-    }
+    if workspace.get("dir") is None or not Path(workspace["dir"]).is_dir():
+        downloads = Path(gr.utils.get_upload_folder()) / "studio-downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        workspace["dir"] = tempfile.mkdtemp(prefix="studio-")
+        workspace["downloads"] = tempfile.mkdtemp(prefix="session-", dir=downloads)
+    if request is not None and getattr(request, "session_hash", None):
+        with _SESSIONS_LOCK:
+            _SESSIONS[request.session_hash] = workspace
+    return workspace
 
 
 def drop_workspace(workspace: dict[str, Any] | None) -> None:
-    if workspace:
-        shutil.rmtree(workspace["dir"], ignore_errors=True)
-        shutil.rmtree(workspace.get("downloads") or workspace["dir"], ignore_errors=True)
+    for key in ("dir", "downloads"):
+        if workspace and workspace.get(key):
+            shutil.rmtree(workspace[key], ignore_errors=True)
+
+
+def end_session(request: gr.Request) -> None:
+    """The tab closed (Gradio keeps its state an hour longer, in case it comes back): the files go now."""
+    with _SESSIONS_LOCK:
+        workspace = _SESSIONS.pop(request.session_hash, None)
+    drop_workspace(workspace)
 
 
 def _session(workspace: dict[str, Any]) -> dict[str, str | None]:
@@ -79,6 +97,7 @@ def _model(text: str | None, role: str, workspace: dict[str, Any]) -> str:
 
 
 def _fresh_dir(workspace: dict[str, Any], name: str) -> Path:
+    _ensure_folders(workspace, None)
     path = Path(workspace["dir"]) / name
     shutil.rmtree(path, ignore_errors=True)
     return path
@@ -165,7 +184,7 @@ def _gpu_seconds(*args, **kwargs) -> int:
 @contextlib.contextmanager
 def job_cache(workspace: dict[str, Any]):
     """A job's Hub small files (configs, tokenizers; weights stream) go inside the session folder, deleted after."""
-    cache = Path(workspace["dir"]) / "hub-cache"
+    cache = Path(_ensure_folders(workspace, None)["dir"]) / "hub-cache"
     try:
         yield cache
     finally:
@@ -260,7 +279,9 @@ def compute(
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects it)
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
+    _ensure_folders(workspace, request)
     _require_pair(base, instruct)  # compute itself rejects incompatible models from headers, before work
     base_model, instruct_model = (
         _model(base, "base model", workspace),
@@ -344,7 +365,9 @@ def apply(
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
+    _ensure_folders(workspace, request)
     scale = _check_scale(scale)
     residuals = _residuals_source(source, residuals_path, workspace)
     if not target.strip():
@@ -399,7 +422,9 @@ def merge(
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
+    _ensure_folders(workspace, request)
     scale = _check_scale(scale)
     if not (base.strip() and instruct.strip() and target.strip()):
         raise gr.Error("Fill in base, instruct and target models for a one-pass merge.")
@@ -728,6 +753,7 @@ def build() -> gr.Blocks:
             push_residuals, [res_repo, res_private, token, workspace], res_status, api_name="push_residuals"
         )
         m_push.click(push_merged, [m_repo, m_private, token, workspace], m_status, api_name="push_merged")
+        demo.unload(end_session)
     return demo
 
 

@@ -101,10 +101,11 @@ def test_gpu_duration_from_model_sizes_reads_headers_only(hub):
 
 
 def test_session_folder_removed_with_the_session():
-    ws = app.new_workspace()
+    ws = app._ensure_folders(app.new_workspace(), None)
     Path(ws["dir"], "file").write_text("x")
+    Path(ws["downloads"], "result.zip").write_text("x")
     app.drop_workspace(ws)
-    assert not Path(ws["dir"]).exists()
+    assert not Path(ws["dir"]).exists() and not Path(ws["downloads"]).exists()
 
 
 def test_space_front_matter_is_valid():
