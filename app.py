@@ -281,12 +281,12 @@ def compute(
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request | None = None,
 ):
-    _ensure_folders(workspace, request)
     _require_pair(base, instruct)  # compute itself rejects incompatible models from headers, before work
     base_model, instruct_model = (
         _model(base, "base model", workspace),
         _model(instruct, "instruct model", workspace),
     )
+    _ensure_folders(workspace, request)
     out = _fresh_dir(workspace, "residuals")
     with job_cache(workspace) as cache:
         result = compute_residuals(
@@ -367,7 +367,6 @@ def apply(
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request | None = None,
 ):
-    _ensure_folders(workspace, request)
     scale = _check_scale(scale)
     residuals = _residuals_source(source, residuals_path, workspace)
     if not target.strip():
@@ -383,14 +382,26 @@ def apply(
         progress,
         "applying",
         f"`{html.escape(target.strip())}` + {scale:g}·R",
+        request,
     )
 
 
 def _into_merged(
-    workspace, operation, inputs: tuple, target: str, scale, dtype, token, progress, label: str, what: str
+    workspace,
+    operation,
+    inputs: tuple,
+    target: str,
+    scale,
+    dtype,
+    token,
+    progress,
+    label: str,
+    what: str,
+    request: gr.Request | None = None,
 ):
     """Run apply or merge into the session's `merged` folder with a per-job Hub cache."""
     target_model = _model(target, "target model", workspace)
+    _ensure_folders(workspace, request)
     out = _fresh_dir(workspace, "merged")
     with job_cache(workspace) as cache:
         result = operation(
@@ -424,7 +435,6 @@ def merge(
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request | None = None,
 ):
-    _ensure_folders(workspace, request)
     scale = _check_scale(scale)
     if not (base.strip() and instruct.strip() and target.strip()):
         raise gr.Error("Fill in base, instruct and target models for a one-pass merge.")
@@ -439,6 +449,7 @@ def merge(
         progress,
         "merging",
         "one pass",
+        request,
     )
 
 

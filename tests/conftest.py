@@ -50,6 +50,7 @@ def families(tmp_path_factory):
 TOKENS = {
     "hf_alice_write": {"name": "alice", "orgs": ["residuals-lab"]},
     "hf_bob_write": {"name": "bob", "orgs": []},
+    "hf_space_secret": {"name": "studio-owner", "orgs": []},  # a hosted Space's own HF_TOKEN
 }
 
 

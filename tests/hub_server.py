@@ -202,7 +202,15 @@ class LocalHub:
                 parsed = urlparse(self.path)
                 path = unquote(parsed.path)
                 self.query = parse_qs(parsed.query)
-                entry = {"method": self.command, "path": path, "range": self.headers.get("Range"), "bytes": 0}
+                entry = {
+                    "method": self.command,
+                    "path": path,
+                    "range": self.headers.get("Range"),
+                    "bytes": 0,
+                    # which token a request carried: tests check whose credentials reach the Hub
+                    "token": (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+                    or None,
+                }
                 hub.log.append(entry)
                 self.entry = entry
                 parts = path.strip("/").split("/")

@@ -1,0 +1,254 @@
+"""The app as a hosted Space meets it: strangers sharing one machine that holds the Space's own secret.
+
+The app runs as on Hugging Face (`SYSTEM=spaces`, `SPACE_ID`, fake OAuth settings and a Space
+`HF_TOKEN` the test Hub knows), with its temp folders and Gradio's cache in a folder of the test's,
+and is driven through gradio_client as visitors would drive it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+from residuals_core.demo import DEMO_FAMILY
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACE_SECRET = "hf_space_secret"
+needs_family = pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def space(hub_server, tmp_path_factory):
+    """The app served in Space mode; yields (url, its folders, its log file)."""
+    root = tmp_path_factory.mktemp("space")
+    folders = {"tmp": root / "tmp", "gradio": root / "gradio", "hf": root / "hf"}
+    for folder in folders.values():
+        folder.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "SYSTEM": "spaces",
+        "SPACE_ID": "studio-owner/residuals-studio",
+        "HF_TOKEN": SPACE_SECRET,
+        "OAUTH_CLIENT_ID": "fake-client-id",
+        "OAUTH_CLIENT_SECRET": "fake-client-secret",
+        "OAUTH_SCOPES": "openid profile read-repos write-repos",
+        "OPENID_PROVIDER_URL": "http://127.0.0.1:9",
+        "TMPDIR": str(folders["tmp"]),
+        "GRADIO_TEMP_DIR": str(folders["gradio"]),
+        "HF_HOME": str(folders["hf"]),
+        "HF_HUB_CACHE": str(folders["hf"] / "hub"),
+    }
+    log_path = root / "app.log"
+    log = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(log_path.read_text()) from None
+            time.sleep(0.5)
+    yield url, folders, log_path
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def client(url: str, oauth_token: str | None = None):
+    from gradio_client import Client
+
+    return Client(url, oauth_token=oauth_token, verbose=False, analytics_enabled=False)
+
+
+def refused(call, match: str) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        call()
+    message = str(info.value)
+    assert match in message, message
+    return message
+
+
+def disk_bytes(*folders: Path) -> int:
+    return sum(p.stat().st_size for folder in folders for p in folder.rglob("*") if p.is_file())
+
+
+# ---- 1. inputs on a Space ---------------------------------------------------------------------------
+FIELDS = {  # endpoint -> (arguments with {} where a model name goes, one tuple per field)
+    "/check": [("{}", "demo:instruct-v1", "float32", True), ("demo:base-v1", "{}", "float32", True)],
+    "/compute": [("{}", "demo:instruct-v1", "float32", True), ("demo:base-v1", "{}", "float32", True)],
+    "/apply": [
+        ("named (Hub id or demo model)", "{}", "demo:base-v2", 1.0, "same as target"),
+        ("named (Hub id or demo model)", "studio-owner/none", "{}", 1.0, "same as target"),
+    ],
+    "/merge": [
+        ("{}", "demo:instruct-v1", "demo:base-v2", 1.0, "same as target"),
+        ("demo:base-v1", "{}", "demo:base-v2", 1.0, "same as target"),
+        ("demo:base-v1", "demo:instruct-v1", "{}", 1.0, "same as target"),
+    ],
+    "/inspect": [("named (Hub id or demo model)", "{}", "")],
+    "/try_models": [("hello", "{}", "demo:instruct-v1", "demo:base-v1"), ("hello", "demo:base-v2", "{}", "demo:base-v1"),
+                    ("hello", "demo:base-v2", "demo:instruct-v1", "{}")],
+}  # fmt: skip
+
+
+@needs_family
+def test_server_paths_refused_in_every_field(space, hub_server):
+    url, folders, _ = space
+    visitor = client(url)
+    paths = ["/", "/etc", str(ROOT), str(folders["tmp"] / "studio-abc123" / "residuals"),
+             str(folders["hf"] / "hub"), "../../etc/passwd", "~/.cache/huggingface", "app.py"]  # fmt: skip
+    hub_server.log.clear()
+    count = 0
+    for api_name, calls in FIELDS.items():
+        for template in calls:
+            for path in paths:
+                args = [path if a == "{}" else a for a in template]
+                refused(lambda a=args, n=api_name: visitor.predict(*a, api_name=n), "cannot be read")
+                count += 1
+    assert count == 13 * len(paths)
+    assert not hub_server.log  # refused before anything was asked of the Hub, let alone read on disk
+    visitor.close()
+
+
+@needs_family
+def test_a_long_name_and_html_get_words_not_markup(space):
+    url, _, _ = space
+    visitor = client(url)
+    message = refused(lambda: visitor.predict("x" * 5000, "demo:instruct-v1", "float32", True, api_name="/check"),
+                      "5000 characters, which is not a model name")  # fmt: skip
+    message = refused(
+        lambda: visitor.predict("<img src=x onerror=alert(1)>", "demo:instruct-v1", "float32", True, api_name="/check"),
+        "cannot be read",
+    )  # fmt: skip
+    assert "<img" not in message and "&lt;img" in message
+    for scale, words in (
+        (5.0, "greater than maximum value 2"),
+        (-3.0, "less than minimum value 0"),
+        (0.0, "α = 0 adds nothing"),
+    ):
+        refused(lambda s=scale: visitor.predict("demo:base-v1", "demo:instruct-v1", "demo:base-v2", s, "same as target",
+                                                 api_name="/merge"), words)  # fmt: skip
+    visitor.close()
+
+
+@needs_family
+def test_visitor_reads_never_carry_the_space_token(space, hub_server):
+    url, _, _ = space
+    owner = HfApi(token=SPACE_SECRET)
+    owner.create_repo("studio-owner/private-base", private=True, exist_ok=True)
+    owner.upload_folder(repo_id="studio-owner/private-base", folder_path=str(DEMO_FAMILY / "base-v1"))
+    hub_server.log.clear()
+    anonymous = client(url)
+    refused(lambda: anonymous.predict("studio-owner/private-base", "demo:instruct-v1", "float32", True,
+                                      api_name="/check"), "not found")  # fmt: skip
+    bob = client(url, oauth_token="hf_bob_write")
+    refused(lambda: bob.predict("studio-owner/private-base", "demo:instruct-v1", "float32", True,
+                                api_name="/check"), "not found")  # fmt: skip
+    tokens = {entry["token"] for entry in hub_server.log}
+    assert hub_server.log and SPACE_SECRET not in tokens
+    assert tokens <= {None, "hf_bob_write"} and "hf_bob_write" in tokens  # bob's requests carry bob's own
+    anonymous.close()
+    bob.close()
+
+
+# ---- 2. what results say, and what is left behind ------------------------------------------------------
+@needs_family
+def test_results_name_no_server_paths_and_sessions_leave_nothing(space, hub_server, tmp_path):
+    """Three visitors at once get their own results; cards and manifests name no server path; the disk
+    (session folders, Gradio's cache) is back at its baseline once their tabs close."""
+    url, folders, log_path = space
+    watched = (folders["tmp"], folders["gradio"])
+    time.sleep(1)
+    baseline = disk_bytes(*watched)
+    downloads = folders["gradio"] / "studio-downloads"
+    before = set(downloads.iterdir()) if downloads.is_dir() else set()
+    pairs = [
+        ("demo:base-v1", "demo:instruct-v1"),
+        ("demo:base-v2", "demo:instruct-v1"),
+        ("demo:base-v1", "demo:base-v2"),
+    ]
+    visitors = [client(url, oauth_token="hf_bob_write") for _ in pairs]
+    results: dict[int, tuple] = {}
+
+    def run(index: int) -> None:
+        base, instruct = pairs[index]
+        visitor = visitors[index]
+        computed = visitor.predict(base, instruct, "float32", True, api_name="/compute")
+        inspected = visitor.predict("this session's Compute result", "", "", api_name="/inspect")
+        merged = visitor.predict("this session's Compute result", "", "demo:base-v2", 1.0, "same as target",
+                                 api_name="/apply")  # fmt: skip
+        results[index] = (computed, inspected, merged)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pairs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(results) == [0, 1, 2]
+    during = disk_bytes(*watched)
+    assert during > baseline + 3 * 1_000_000  # three sessions' residuals, merged models and zips
+    assert len(set(downloads.iterdir()) - before) == 3  # one downloads folder per session
+    for index, (computed, inspected, merged) in results.items():
+        base, instruct = (name.removeprefix("demo:") for name in pairs[index])
+        assert f"{instruct} − {base}" in inspected[0]  # each session sees its own residuals
+        for archive in (computed[3], merged[1]):
+            with zipfile.ZipFile(archive) as zipped:
+                texts = {
+                    n: zipped.read(n).decode() for n in zipped.namelist() if n.endswith((".json", ".md"))
+                }
+            assert {"README.md", "config.json", "residuals_manifest.json"} <= set(texts)
+            for name, text in texts.items():
+                for server_path in (
+                    str(folders["tmp"]),
+                    str(folders["gradio"]),
+                    str(ROOT),
+                    str(DEMO_FAMILY),
+                    "/tmp/",
+                ):
+                    assert server_path not in text, (name, server_path)
+    for visitor in visitors:
+        visitor.close()
+    deadline = time.time() + 60
+    while disk_bytes(*watched) > baseline and time.time() < deadline:
+        time.sleep(0.5)
+    assert disk_bytes(*watched) == baseline, sorted(
+        str(p) for folder in watched for p in folder.rglob("*") if p.is_file()
+    )[:10]
+    # no token, pasted or OAuth, in the app's log or its files
+    assert "hf_bob_write" not in log_path.read_text() and SPACE_SECRET not in log_path.read_text()
+
+
+def test_run_history_is_off(space):
+    """Gradio's run history keeps every input in the browser's localStorage: off, so no token lands there."""
+    url, _, _ = space
+    with urllib.request.urlopen(url + "config") as response:
+        config = json.loads(response.read())
+    assert config.get("run_history") is False
