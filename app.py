@@ -29,7 +29,8 @@ from residuals_core.options import Options
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEMO = {name: str(DEMO_FAMILY / name) for name in ("base-v1", "instruct-v1", "base-v2")}
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
-HEAVY_JOBS = int(os.environ.get("STUDIO_CONCURRENCY", "1"))
+HEAVY_JOBS = int(os.environ.get("STUDIO_CONCURRENCY", "1"))  # heavy jobs running at once, all sessions
+QUEUE_SIZE = int(os.environ.get("STUDIO_QUEUE_SIZE", "16"))  # events waiting at most
 MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
 POLICY = InputPolicy(on_space=ON_SPACE, demo_family=DEMO_FAMILY)
 FIELD_HINT = "Hub id or demo model" if ON_SPACE else "Hub id, local folder or demo model"
@@ -96,11 +97,20 @@ def _model(text: str | None, role: str, workspace: dict[str, Any]) -> str:
     return POLICY.resolve(text, role=role, session=_session(workspace))
 
 
-def _fresh_dir(workspace: dict[str, Any], name: str) -> Path:
-    _ensure_folders(workspace, None)
-    path = Path(workspace["dir"]) / name
-    shutil.rmtree(path, ignore_errors=True)
+def _job_output(workspace: dict[str, Any], name: str) -> Path:
+    """Where a job writes its result; the session's previous result stays until the new one is whole."""
+    path = Path(_ensure_folders(workspace, None)["dir"]) / f"{name}.new"
+    shutil.rmtree(path, ignore_errors=True)  # a crashed job's leftover, never a result
     return path
+
+
+def _keep(workspace: dict[str, Any], name: str, written: Path) -> Path:
+    """The new result replaces the session's previous one of its kind."""
+    final = written.with_name(name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(written, final)
+    workspace[name] = str(final)
+    return final
 
 
 def _zip(folder: Path, workspace: dict[str, Any]) -> tuple[str | None, str]:
@@ -152,11 +162,48 @@ def _check_scale(scale: float) -> float:
     return value
 
 
-def _progress(progress: gr.Progress, label: str):
-    def report(done: int, total: int, name: str) -> None:
-        progress((done, max(total, 1)), desc=f"{label}: {name}", unit="tensors")
+RUNNING, CANCEL = ".job-running", ".job-cancel"  # marker files in the session folder (work across processes)
 
-    return report
+
+@contextlib.contextmanager
+def heavy_job(workspace: dict[str, Any], progress: gr.Progress, label: str):
+    """One heavy job per session, stoppable by Cancel, with a per-job Hub cache (small files only).
+
+    Yields (cache folder, progress callback). The callback maps the engine's tensors onto 0–90 % and
+    raises once Cancel was pressed, so the engine stops and its sinks remove what they wrote.
+    """
+    folder = Path(workspace["dir"])
+    try:
+        os.close(os.open(folder / RUNNING, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise gr.Error(
+            "This session is already running a job: wait for it to finish, or press Cancel."
+        ) from None
+    (folder / CANCEL).unlink(missing_ok=True)
+
+    def report(done: int, total: int, name: str) -> None:
+        if (folder / CANCEL).exists():
+            raise ResidualsError(
+                "The job was cancelled.", "Nothing it wrote was kept; run it again when you want."
+            )
+        progress(0.9 * done / max(total, 1), desc=f"{label}: {done}/{total} tensors ({name})")
+
+    cache = folder / "hub-cache"
+    try:
+        yield cache, report
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        (folder / CANCEL).unlink(missing_ok=True)
+        (folder / RUNNING).unlink(missing_ok=True)
+
+
+def cancel_job(workspace: dict[str, Any]) -> str:
+    """Ask the session's running job to stop: it does so at its next tensor and removes what it wrote."""
+    folder = workspace.get("dir")
+    if not folder or not Path(folder, RUNNING).exists():
+        return "No job is running in this session."
+    Path(folder, CANCEL).touch()
+    return "Cancelling: the job stops at its next tensor and removes what it wrote."
 
 
 def _gpu_seconds(*args, **kwargs) -> int:
@@ -179,16 +226,6 @@ def _gpu_seconds(*args, **kwargs) -> int:
         except Exception:  # not a model (a dtype, a radio choice…), refused or unreachable: count nothing
             continue
     return int(min(900, 60 + 2 * size / 1e9))
-
-
-@contextlib.contextmanager
-def job_cache(workspace: dict[str, Any]):
-    """A job's Hub small files (configs, tokenizers; weights stream) go inside the session folder, deleted after."""
-    cache = Path(_ensure_folders(workspace, None)["dir"]) / "hub-cache"
-    try:
-        yield cache
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _size(nbytes: int) -> str:
@@ -287,20 +324,21 @@ def compute(
         _model(instruct, "instruct model", workspace),
     )
     _ensure_folders(workspace, request)
-    out = _fresh_dir(workspace, "residuals")
-    with job_cache(workspace) as cache:
+    with heavy_job(workspace, progress, "computing") as (cache, report):
         result = compute_residuals(
             base_model,
             instruct_model,
-            out,
+            _job_output(workspace, "residuals"),
             dtype=dtype,
             normalize_embeddings=normalize,
             token=_token(token, oauth_token),
             cache_dir=cache,
             device=DEVICE,
-            progress=_progress(progress, "computing"),
+            progress=report,
         )
-    workspace["residuals"] = str(result.path)
+        kept = _keep(workspace, "residuals", result.path)
+        progress(0.92, desc="zipping the residuals for download")
+        archive, download = _zip(kept, workspace)
     recon = result.reconstruction or {}
     exact = (
         "base + R reproduces the instruct model **bit for bit**"
@@ -313,7 +351,6 @@ def compute(
         f"‖R‖/‖θ_base‖ = {result.summary['relative'] or 0:.3g}. {exact}.\n\n"
         "Next: **Apply** them to your continued-pre-trained base, **Inspect** them, or push them to the Hub below."
     )
-    archive, download = _zip(result.path, workspace)
     name = _repo_name(instruct) + "-residuals"
     return (
         summary + download,
@@ -402,21 +439,21 @@ def _into_merged(
     """Run apply or merge into the session's `merged` folder with a per-job Hub cache."""
     target_model = _model(target, "target model", workspace)
     _ensure_folders(workspace, request)
-    out = _fresh_dir(workspace, "merged")
-    with job_cache(workspace) as cache:
+    with heavy_job(workspace, progress, label) as (cache, report):
         result = operation(
             *inputs,
             target_model,
-            out,
+            _job_output(workspace, "merged"),
             scale=scale,
             dtype=None if dtype == "same as target" else dtype,
             token=token,
             cache_dir=cache,
             device=DEVICE,
-            progress=_progress(progress, label),
+            progress=report,
         )
-    workspace["merged"] = str(result.path)
-    archive, download = _zip(result.path, workspace)
+        kept = _keep(workspace, "merged", result.path)
+        progress(0.92, desc="zipping the merged model for download")
+        archive, download = _zip(kept, workspace)
     name = _repo_name(target) + "-plus-residuals"
     return _merged_summary(result, what) + download, archive, workspace, name
 
@@ -637,7 +674,8 @@ def build() -> gr.Blocks:
             with gr.Row():
                 check_button = gr.Button("Check compatibility")
                 compute_button = gr.Button("Compute residuals", variant="primary")
-            compute_status = gr.Markdown()
+            compute_cancel = gr.Button("Cancel", variant="stop", size="sm")
+            compute_status = gr.Markdown("The summary of the residuals will appear here.")
             with gr.Row():
                 compute_bar = gr.BarPlot(
                     x="layer", y="norm", title="‖R‖ per layer", x_title="layer", y_title="‖R‖"
@@ -665,7 +703,8 @@ def build() -> gr.Blocks:
                     m_inst = gr.Textbox(label="Instruct", value=POLICY.demo_name("instruct-v1"))
                     m_target = gr.Textbox(label="Target (CPT'd base)", value=POLICY.demo_name("base-v2"))
                 merge_button = gr.Button("One-pass merge")
-            apply_status = gr.Markdown()
+            apply_cancel = gr.Button("Cancel", variant="stop", size="sm")
+            apply_status = gr.Markdown("The summary of the merged model will appear here.")
             apply_zip = gr.File(label="Download the merged model (zip)")
             m_repo, m_private, m_push, m_status = push_box("merged model")
 
@@ -726,21 +765,21 @@ def build() -> gr.Blocks:
             compute_status,
             api_name="check",
         )
-        compute_button.click(
+        compute_event = compute_button.click(
             compute,
             [base, instruct, dtype, normalize, token, workspace],
             [compute_status, compute_bar, compute_heat, compute_zip, workspace, res_repo],
             api_name="compute",
             **heavy,
         )
-        apply_button.click(
+        apply_event = apply_button.click(
             apply,
             [source, residuals_path, target, scale, out_dtype, token, workspace],
             [apply_status, apply_zip, workspace, m_repo],
             api_name="apply",
             **heavy,
         )
-        merge_button.click(
+        merge_event = merge_button.click(
             merge,
             [m_base, m_inst, m_target, scale, out_dtype, token, workspace],
             [apply_status, apply_zip, workspace, m_repo],
@@ -764,6 +803,12 @@ def build() -> gr.Blocks:
             push_residuals, [res_repo, res_private, token, workspace], res_status, api_name="push_residuals"
         )
         m_push.click(push_merged, [m_repo, m_private, token, workspace], m_status, api_name="push_merged")
+        compute_cancel.click(
+            cancel_job, [workspace], compute_status, cancels=[compute_event], api_name="cancel"
+        )
+        apply_cancel.click(
+            cancel_job, [workspace], apply_status, cancels=[apply_event, merge_event], api_name=False
+        )
         demo.unload(end_session)
     return demo
 
@@ -771,7 +816,8 @@ def build() -> gr.Blocks:
 demo = build()
 
 if __name__ == "__main__":
-    demo.queue(default_concurrency_limit=4).launch(
+    # a bounded queue: the position is shown to each waiting visitor, and a full queue says so
+    demo.queue(default_concurrency_limit=4, max_size=QUEUE_SIZE).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         run_history=False,  # the browser's run history would keep every input, tokens included

@@ -1,5 +1,7 @@
 """The Space: event functions called directly, then the launched app driven over its API and in a browser."""
 
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -148,3 +150,41 @@ def test_app_over_its_api_compute_inspect_apply_push(served_app, hub_server):
     pushed = client.predict("api-merged", True, "", api_name="/push_merged")
     assert "bob/api-merged" in pushed
     assert hub_server.repos["bob/api-merged"].private
+
+
+class SlowProgress:
+    """Progress that takes its time, so that a job is still running when the test acts on it."""
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(0.05)
+
+
+def test_cancel_stops_the_job_and_keeps_the_earlier_result(families, workspace):
+    fam = families("llama")
+    app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
+    earlier = Path(workspace["residuals"])
+    stamp = (earlier / "model.safetensors").stat().st_mtime_ns
+    errors: list[str] = []
+
+    def run():
+        try:
+            app.compute(
+                str(fam["base"]), str(fam["target"]), "float32", True, None, workspace, SlowProgress()
+            )
+        except gr.Error as exc:
+            errors.append(str(exc))
+
+    job = threading.Thread(target=run)
+    job.start()
+    folder = Path(workspace["dir"])
+    deadline = time.time() + 30
+    while not (folder / app.RUNNING).exists() and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(gr.Error, match="already running a job"):  # one heavy job per session
+        app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
+    assert "Cancelling" in app.cancel_job(workspace)
+    job.join(timeout=60)
+    assert errors and "cancelled" in errors[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["residuals"]  # no partial, no markers, no cache
+    assert (earlier / "model.safetensors").stat().st_mtime_ns == stamp  # the earlier result is kept
+    assert "No job is running" in app.cancel_job(workspace)
