@@ -23,7 +23,16 @@ from residuals_core import ResidualsError, apply_residuals, compute_residuals, m
 from residuals_core.demo import DEMO_FAMILY, QUESTIONS, World
 from residuals_core.demo import prompt as demo_prompt
 from residuals_core.generation import complete, load_causal_lm
-from residuals_core.hosting import SESSION_MERGED, SESSION_RESIDUALS, InputPolicy, visitor_token
+from residuals_core.hosting import (
+    SESSION_MERGED,
+    SESSION_RESIDUALS,
+    HostLimits,
+    InputPolicy,
+    JobEstimate,
+    estimate_job,
+    refuse_if_too_long,
+    visitor_token,
+)
 from residuals_core.options import Options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,6 +42,7 @@ HEAVY_JOBS = int(os.environ.get("STUDIO_CONCURRENCY", "1"))  # heavy jobs runnin
 QUEUE_SIZE = int(os.environ.get("STUDIO_QUEUE_SIZE", "16"))  # events waiting at most
 MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
 POLICY = InputPolicy(on_space=ON_SPACE, demo_family=DEMO_FAMILY)
+LIMITS = HostLimits.from_environment(os.environ)
 FIELD_HINT = "Hub id or demo model" if ON_SPACE else "Hub id, local folder or demo model"
 FROM_SESSION = "this session's Compute result"  # the radio choice for SESSION_RESIDUALS
 MOCK_OAUTH = "mock-oauth-token-for-local-dev"  # gradio's stand-in login when not on a Space
@@ -197,6 +207,31 @@ def heavy_job(workspace: dict[str, Any], progress: gr.Progress, label: str):
         (folder / RUNNING).unlink(missing_ok=True)
 
 
+def preflight(models: list[tuple[str, str]], token: str | bool | None, dtype: str | None) -> JobEstimate:
+    """What a job will read and write and about how long it takes, from headers; refused when too long.
+
+    `models` are (model, role) with the output's shape taken from the last one (the target, or the
+    instruct model for compute); `dtype` is the output's, None for the target's own.
+    """
+    opened = operations.open_models([(m, r) for m, r in models], Options(token=token))
+    try:
+        shape_from = opened[-1]
+        if dtype is None:
+            write = shape_from.total_bytes
+        else:
+            itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            write = sum(
+                t.numel * (itemsize if t.dtype.is_floating_point else t.dtype.itemsize)
+                for t in shape_from.tensors.values()
+            )
+        estimate = estimate_job([(c.total_bytes, c.remote) for c in opened], write, LIMITS)
+    finally:
+        for checkpoint in opened:
+            checkpoint.close()
+    refuse_if_too_long(estimate, LIMITS)
+    return estimate
+
+
 def cancel_job(workspace: dict[str, Any]) -> str:
     """Ask the session's running job to stop: it does so at its next tensor and removes what it wrote."""
     folder = workspace.get("dir")
@@ -285,13 +320,15 @@ def check_models(
 ) -> str:
     _require_pair(base, instruct)
     workspace = workspace or {}
-    report = operations.check_compatibility(
+    base_model, instruct_model = (
         _model(base, "base model", workspace),
         _model(instruct, "instruct model", workspace),
-        normalize_embeddings=normalize,
-        dtype=dtype,
-        token=_token(token, oauth_token),
     )
+    read_token = _token(token, oauth_token)
+    report = operations.check_compatibility(
+        base_model, instruct_model, normalize_embeddings=normalize, dtype=dtype, token=read_token
+    )
+    estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
     sizes = ", ".join(f"`{k}` {_size(v)}" for k, v in report["size_on_disk"].items())
     notes = "".join(f"\n- note: {n}" for n in report["notes"])
     return (
@@ -300,7 +337,8 @@ def check_models(
         f"{report['parameters'] / 1e6:.2f} M parameters in {report['tensors']} tensors\n"
         f"- vocabulary: base {report['vocab_size']['base']}, instruct {report['vocab_size']['instruct']}, "
         f"tokenizer {report['tokenizer_length']}; tied embeddings: {report['tie_word_embeddings']}\n"
-        f"- size on disk: {sizes}\n- residuals will take **{_size(report['expected_output_bytes'])}** ({dtype})"
+        f"- size on disk: {sizes}\n- residuals will take **{_size(report['expected_output_bytes'])}** ({dtype})\n"
+        f"- the job {estimate.describe()} (limit here: {LIMITS.max_seconds / 60:.0f} min)"
         f"{notes}\n\nNext: **Compute residuals**."
     )
 
@@ -323,6 +361,8 @@ def compute(
         _model(base, "base model", workspace),
         _model(instruct, "instruct model", workspace),
     )
+    read_token = _token(token, oauth_token)
+    estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
     _ensure_folders(workspace, request)
     with heavy_job(workspace, progress, "computing") as (cache, report):
         result = compute_residuals(
@@ -331,7 +371,7 @@ def compute(
             _job_output(workspace, "residuals"),
             dtype=dtype,
             normalize_embeddings=normalize,
-            token=_token(token, oauth_token),
+            token=read_token,
             cache_dir=cache,
             device=DEVICE,
             progress=report,
@@ -348,7 +388,7 @@ def compute(
     )
     summary = (
         f"### Residuals ready\n{len(result.tensors)} tensors, total ‖R‖ = {result.summary['total_norm']:.4g}, "
-        f"‖R‖/‖θ_base‖ = {result.summary['relative'] or 0:.3g}. {exact}.\n\n"
+        f"‖R‖/‖θ_base‖ = {result.summary['relative'] or 0:.3g}. {exact}. (The job {estimate.describe()}.)\n\n"
         "Next: **Apply** them to your continued-pre-trained base, **Inspect** them, or push them to the Hub below."
     )
     name = _repo_name(instruct) + "-residuals"
@@ -381,9 +421,10 @@ def _residuals_source(source: str, path: str, workspace: dict[str, Any]) -> str:
     return _model(path, "residuals", workspace)
 
 
-def _merged_summary(result, what: str) -> str:
+def _merged_summary(result, what: str, estimate: JobEstimate) -> str:
     return (
-        f"### Merged model ready\n{what}: {len(result.tensors)} tensors, ‖α·R‖ = {result.summary['total_norm']:.4g}. "
+        f"### Merged model ready\n{what}: {len(result.tensors)} tensors, ‖α·R‖ = {result.summary['total_norm']:.4g} "
+        f"(the job {estimate.describe()}). "
         "The folder holds weights, config, generation config, tokenizer and a model card "
         "(`base_model`: the target and the instruct model, `base_model_relation: merge`).\n\n"
         "Next: compare generations in **Try**, download the zip, or push it below."
@@ -438,6 +479,9 @@ def _into_merged(
 ):
     """Run apply or merge into the session's `merged` folder with a per-job Hub cache."""
     target_model = _model(target, "target model", workspace)
+    roles = ["residuals"] if operation is apply_residuals else ["base", "instruct"]
+    out_dtype = None if dtype == "same as target" else dtype
+    estimate = preflight([*zip(inputs, roles, strict=True), (target_model, "target")], token, out_dtype)
     _ensure_folders(workspace, request)
     with heavy_job(workspace, progress, label) as (cache, report):
         result = operation(
@@ -445,7 +489,7 @@ def _into_merged(
             target_model,
             _job_output(workspace, "merged"),
             scale=scale,
-            dtype=None if dtype == "same as target" else dtype,
+            dtype=out_dtype,
             token=token,
             cache_dir=cache,
             device=DEVICE,
@@ -455,7 +499,7 @@ def _into_merged(
         progress(0.92, desc="zipping the merged model for download")
         archive, download = _zip(kept, workspace)
     name = _repo_name(target) + "-plus-residuals"
-    return _merged_summary(result, what) + download, archive, workspace, name
+    return _merged_summary(result, what, estimate) + download, archive, workspace, name
 
 
 @spaces.GPU(duration=_gpu_seconds)

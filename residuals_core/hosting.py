@@ -99,3 +99,80 @@ def visitor_token(on_space: bool, oauth_token: str | None, pasted: str | None = 
     if on_space:
         return oauth_token or False
     return (pasted or "").strip() or None
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What one job may cost on this host; the throughputs turn bytes into a time estimate.
+
+    hub_bytes_per_s: how fast a Hub input streams to this host (the Space's link); local_bytes_per_s:
+    reading and writing local files together (the benchmark's ~1B merge moved 8 GB in 4.3 s on two
+    cores; 1 GB/s leaves room for slower disks).
+    """
+
+    max_seconds: float = 30 * 60
+    hub_bytes_per_s: float = 100e6
+    local_bytes_per_s: float = 1e9
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> HostLimits:
+        """STUDIO_MAX_JOB_MINUTES, STUDIO_HUB_MB_PER_S and STUDIO_LOCAL_MB_PER_S, where set."""
+        defaults = cls()
+        return cls(
+            max_seconds=float(environ.get("STUDIO_MAX_JOB_MINUTES", defaults.max_seconds / 60)) * 60,
+            hub_bytes_per_s=float(environ.get("STUDIO_HUB_MB_PER_S", defaults.hub_bytes_per_s / 1e6)) * 1e6,
+            local_bytes_per_s=float(environ.get("STUDIO_LOCAL_MB_PER_S", defaults.local_bytes_per_s / 1e6))
+            * 1e6,
+        )
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    """What a job will read and write, from headers alone, and about how long it takes here."""
+
+    hub_read_bytes: int
+    local_read_bytes: int
+    write_bytes: int
+    seconds: float
+
+    def describe(self) -> str:
+        read = []
+        if self.hub_read_bytes:
+            read.append(f"{_size(self.hub_read_bytes)} streamed from the Hub")
+        if self.local_read_bytes:
+            read.append(f"{_size(self.local_read_bytes)} from local files")
+        return (
+            f"reads {' and '.join(read) or 'nothing'}, writes {_size(self.write_bytes)}, "
+            f"about {_duration(self.seconds)} here"
+        )
+
+
+def estimate_job(inputs: list[tuple[int, bool]], write_bytes: int, limits: HostLimits) -> JobEstimate:
+    """Estimate from (bytes, is on the Hub) per input: Hub streams run side by side over one link,
+    local reading and writing share the disk; the slower of the two sets the pace."""
+    hub = sum(size for size, remote in inputs if remote)
+    local = sum(size for size, remote in inputs if not remote)
+    seconds = max(hub / limits.hub_bytes_per_s, (local + write_bytes) / limits.local_bytes_per_s) + 3
+    return JobEstimate(hub, local, write_bytes, seconds)
+
+
+def refuse_if_too_long(estimate: JobEstimate, limits: HostLimits) -> None:
+    if estimate.seconds > limits.max_seconds:
+        raise ResidualsError(
+            f"This job {estimate.describe()}: more than the {_duration(limits.max_seconds)} a job may take "
+            "on this Space.",
+            "Run it on your own machine with the command line (python -m residuals_core … --push-to), "
+            "or choose smaller models.",
+        )
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

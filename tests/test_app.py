@@ -188,3 +188,15 @@ def test_cancel_stops_the_job_and_keeps_the_earlier_result(families, workspace):
     assert sorted(p.name for p in folder.iterdir()) == ["residuals"]  # no partial, no markers, no cache
     assert (earlier / "model.safetensors").stat().st_mtime_ns == stamp  # the earlier result is kept
     assert "No job is running" in app.cancel_job(workspace)
+
+
+def test_a_job_too_long_for_the_space_is_refused_with_the_numbers(families, workspace, monkeypatch):
+    from residuals_core.hosting import HostLimits
+
+    fam = families("llama")
+    monkeypatch.setattr(app, "LIMITS", HostLimits(max_seconds=2, local_bytes_per_s=1e5))
+    with pytest.raises(
+        gr.Error, match=r"reads [\d.]+ MB from local files, writes [\d.]+ MB, about \d+ s here"
+    ):
+        app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
+    assert workspace["dir"] is None  # nothing was made for it
