@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import html
@@ -9,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+from inspect import isgeneratorfunction
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,10 @@ import torch
 from huggingface_hub import get_token
 
 from residuals_core import ResidualsError, apply_residuals, compute_residuals, merge_models, operations
-from residuals_core.demo import DEMO_FAMILY, QUESTIONS, World
+from residuals_core.demo import DEMO_FAMILY, EOS, QUESTIONS, World, expected_reply, question_of, score_reply
+from residuals_core.demo import generate as demo_generate
 from residuals_core.demo import prompt as demo_prompt
-from residuals_core.generation import complete, load_causal_lm
+from residuals_core.generation import complete, generation_dtype, load_causal_lm
 from residuals_core.hosting import (
     SESSION_MERGED,
     SESSION_RESIDUALS,
@@ -43,6 +46,7 @@ QUEUE_SIZE = int(os.environ.get("STUDIO_QUEUE_SIZE", "16"))  # events waiting at
 MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
 POLICY = InputPolicy(on_space=ON_SPACE, demo_family=DEMO_FAMILY)
 LIMITS = HostLimits.from_environment(os.environ)
+WIDE = 300  # min width of side-by-side fields: on a phone (390 px) they stack instead of clipping
 FIELD_HINT = "Hub id or demo model" if ON_SPACE else "Hub id, local folder or demo model"
 FROM_SESSION = "this session's Compute result"  # the radio choice for SESSION_RESIDUALS
 MOCK_OAUTH = "mock-oauth-token-for-local-dev"  # gradio's stand-in login when not on a Space
@@ -92,10 +96,11 @@ def drop_workspace(workspace: dict[str, Any] | None) -> None:
 
 
 def end_session(request: gr.Request) -> None:
-    """The tab closed (Gradio keeps its state an hour longer, in case it comes back): the files go now."""
+    """The tab closed (Gradio keeps its state an hour longer, in case it comes back): files and models go now."""
     with _SESSIONS_LOCK:
         workspace = _SESSIONS.pop(request.session_hash, None)
     drop_workspace(workspace)
+    _free_session_models(request.session_hash)
 
 
 def _session(workspace: dict[str, Any]) -> dict[str, str | None]:
@@ -137,14 +142,28 @@ def _zip(folder: Path, workspace: dict[str, Any]) -> tuple[str | None, str]:
 
 
 def ui_errors(fn):
-    """Show ResidualsError messages (what went wrong + what to do) as gr.Error popups."""
+    """Show ResidualsError messages (what went wrong + what to do) as gr.Error popups, escaped."""
+
+    def shown(exc: ResidualsError) -> gr.Error:  # a field's text reaches the message as text, never as HTML
+        return gr.Error(html.escape(f"{exc.problem} — {exc.fix}"), duration=None)
+
+    if isgeneratorfunction(fn):  # a live table: errors may come on any step
+
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ResidualsError as exc:
+                raise shown(exc) from exc
+
+        return stream
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ResidualsError as exc:  # escaped: a field's text reaches the message as text, never as HTML
-            raise gr.Error(html.escape(f"{exc.problem} — {exc.fix}"), duration=None) from exc
+        except ResidualsError as exc:
+            raise shown(exc) from exc
 
     return wrapper
 
@@ -571,22 +590,73 @@ def inspect(
 
 
 # ---- Try ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=3)
-def _cached_model(path: str, mtime: float):
-    return load_causal_lm(path, device=DEVICE)
+TRY_MEMORY_BYTES = float(os.environ.get("STUDIO_TRY_MEMORY_GB", "8")) * 1e9  # the Try tab's models, together
+TRY_SESSIONS = int(os.environ.get("STUDIO_TRY_SESSIONS", "1"))  # sessions whose models stay loaded at once
+_TRY_MODELS: collections.OrderedDict[str, dict[str, tuple]] = collections.OrderedDict()
+_TRY_LOCK = threading.Lock()
+SCORE_QUESTIONS = 30
 
 
-def _generate(path: str, text: str) -> str:
-    model, tokenizer = _cached_model(
-        path, Path(path, "config.json").stat().st_mtime if Path(path).is_dir() else 0.0
-    )
-    return (
-        complete(model, tokenizer, text, max_new_tokens=40).strip()
-        or "(empty answer: the model stopped at once)"
-    )
+def _try_paths(cpt_base, merged, instruct, workspace, token) -> list[str]:
+    """The three models' local folders (Hub ids downloaded), refused with the numbers beyond the memory budget."""
+    models = [
+        _model(cpt_base, "CPT'd base", workspace),
+        _model(merged, "merged model", workspace),
+        _model(instruct, "instruct model", workspace),
+    ]
+    dtype = generation_dtype(DEVICE)
+    needed = 0
+    for model in dict.fromkeys(models):  # headers only: the size in memory before anything is loaded
+        with operations.open_model(model, role="model", options=Options(token=token)) as checkpoint:
+            needed += sum(t.numel for t in checkpoint.tensors.values()) * dtype.itemsize
+    if needed > TRY_MEMORY_BYTES:
+        raise gr.Error(
+            f"These models need {_size(needed)} of memory together in {str(dtype).removeprefix('torch.')}, more than "
+            f"the {_size(TRY_MEMORY_BYTES)} this Space gives the Try tab. Compare smaller models here, or run the app "
+            "on your own machine (scripts/serve.sh)."
+        )
+    return [operations.resolve_for_generation(m, token=token) for m in models]
+
+
+def _session_models(key: str, paths: list[str]) -> list[tuple]:
+    """One set of models per session, loaded once; the oldest session's set goes when another needs room."""
+    with _TRY_LOCK:
+        loaded = _TRY_MODELS.pop(key, {})
+        _TRY_MODELS[key] = loaded
+        for path in [p for p in loaded if p not in paths]:
+            del loaded[path]
+        while len(_TRY_MODELS) > TRY_SESSIONS:
+            _TRY_MODELS.popitem(last=False)
+    for path in paths:
+        if path not in loaded:
+            loaded[path] = load_causal_lm(path, device=DEVICE)
+    return [loaded[p] for p in paths]
+
+
+def _free_session_models(key: str) -> None:
+    with _TRY_LOCK:
+        _TRY_MODELS.pop(key, None)
 
 
 @spaces.GPU(duration=60)
+def _generate_side_by_side(models: list[tuple], prompts: list[str], raw: bool) -> list[list[str]]:
+    """The only GPU lease of the Try tab: generation alone, models already loaded, downloads done."""
+    if raw:  # the demo family's own question format, the end marker kept so that stopping can be scored
+        return [demo_generate(model, tokenizer, prompts) for model, tokenizer in models]
+    return [
+        [
+            complete(model, tokenizer, p, max_new_tokens=40).strip()
+            or "(empty answer: the model stopped at once)"
+            for p in prompts
+        ]
+        for model, tokenizer in models
+    ]
+
+
+def _mark(formatted: bool, correct: bool) -> str:
+    return f"format {'✓' if formatted else '✗'} · answer {'✓' if correct else '✗'}"
+
+
 @ui_errors
 def try_models(
     text: str,
@@ -597,21 +667,69 @@ def try_models(
     merged: str = SESSION_MERGED,
     token: str | None = None,
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
-    """The three models on one prompt; the merged one is this session's, or the one named — never a stand-in."""
+    """The three models on one prompt; the merged one is this session's, or the one named — never a stand-in.
+
+    A question of the demo family is asked in its own format and scored: the expected answer is
+    shown and each reply marked for format and value.
+    """
     if not text.strip():
         raise gr.Error("Type a prompt (or pick an example) first.")
     read_token = _token(token, oauth_token)
-    models = [
-        _model(cpt_base, "CPT'd base", workspace),
-        _model(merged, "merged model", workspace),
-        _model(instruct, "instruct model", workspace),
-    ]
-    outputs = []
-    for index, model in enumerate(models):
-        progress((index, 3), desc="generating")
-        outputs.append(_generate(operations.resolve_for_generation(model, token=read_token), text))
-    return (*outputs, workspace)
+    progress(0.05, desc="fetching the models")
+    paths = _try_paths(cpt_base, merged, instruct, workspace, read_token)
+    progress(0.3, desc="loading the models")
+    models = _session_models(getattr(request, "session_hash", None) or "local", paths)
+    world = World.load(DEMO_FAMILY) if (DEMO_FAMILY / "world.json").is_file() else None
+    question = question_of(world, text) if world else None
+    progress(0.6, desc="generating")
+    replies = [r[0] for r in _generate_side_by_side(models, [text], raw=question is not None)]
+    if question is None:
+        return (*replies, "Not a demo-family question: no expected answer to compare with.", workspace)
+    shown = [r.split(EOS)[0].strip() or "(empty answer)" for r in replies]
+    marks = [_mark(*score_reply(r, world, *question)) for r in replies]
+    verdict = f"**Expected:** {html.escape(expected_reply(world, *question))}\n\n" + "\n".join(
+        f"- {label}: {mark}" for label, mark in zip(TRY_LABELS, marks, strict=True)
+    )
+    return (*shown, verdict, workspace)
+
+
+TRY_LABELS = ("CPT'd base", "Merged", "Instruct")
+
+
+@ui_errors
+def score_questions(
+    cpt_base: str,
+    instruct: str,
+    workspace: dict[str, Any],
+    merged: str = SESSION_MERGED,
+    token: str | None = None,
+    oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
+):
+    """Ask the three models SCORE_QUESTIONS world-B questions; the table fills in as answers come."""
+    if not (DEMO_FAMILY / "world.json").is_file():
+        raise gr.Error("The demo family is not installed here, so there are no questions to score.")
+    world = World.load(DEMO_FAMILY)
+    paths = _try_paths(cpt_base, merged, instruct, workspace, _token(token, oauth_token))
+    models = _session_models(getattr(request, "session_hash", None) or "local", paths)
+    items = world.questions(world.world_b, SCORE_QUESTIONS, seed=0)
+    scores = [[0, 0] for _ in models]
+    for done, (name, attribute, style) in enumerate(items, start=1):
+        replies = [
+            r[0] for r in _generate_side_by_side(models, [demo_prompt(name, attribute, style)], raw=True)
+        ]
+        for tally, reply in zip(scores, replies, strict=True):
+            formatted, correct = score_reply(reply, world, name, attribute, style)
+            tally[0] += formatted
+            tally[1] += correct
+        yield pd.DataFrame(
+            [
+                {"model": label, "questions": done, "format %": 100 * f / done, "exact %": 100 * c / done}
+                for label, (f, c) in zip(TRY_LABELS, scores, strict=True)
+            ]
+        ).round(1)
 
 
 def example_prompts() -> list[str]:
@@ -701,19 +819,24 @@ def build() -> gr.Blocks:
 
         with gr.Tab("Compute"):
             with gr.Row():
-                base = gr.Textbox(label=f"Base model ({FIELD_HINT})", value=POLICY.demo_name("base-v1"))
-                instruct = gr.Textbox(
-                    label=f"Instruct model ({FIELD_HINT})", value=POLICY.demo_name("instruct-v1")
+                base = gr.Textbox(
+                    label=f"Base model ({FIELD_HINT})", value=POLICY.demo_name("base-v1"), min_width=WIDE
                 )
-            with gr.Row():
+                instruct = gr.Textbox(
+                    label=f"Instruct model ({FIELD_HINT})",
+                    value=POLICY.demo_name("instruct-v1"),
+                    min_width=WIDE,
+                )
+            with gr.Column():
                 dtype = gr.Dropdown(
                     ["float32", "bfloat16", "float16"],
                     value="float32",
                     label="Storage dtype",
+                    min_width=WIDE,
                     info="float32 reconstructs exactly; bf16/fp16 halve the size",
                 )
                 normalize = gr.Checkbox(
-                    value=True, label="normalize_embeddings (zero-pad differing vocabularies)"
+                    value=True, label="normalize_embeddings (zero-pad differing vocabularies)", min_width=WIDE
                 )
             with gr.Row():
                 check_button = gr.Button("Check compatibility")
@@ -734,18 +857,23 @@ def build() -> gr.Blocks:
             residuals_path = gr.Textbox(label=f"Residuals ({FIELD_HINT})", placeholder="org/residuals")
             target = gr.Textbox(label="Target model (your CPT'd base)", value=POLICY.demo_name("base-v2"))
             with gr.Row():
-                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Scale α")
+                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Scale α", min_width=WIDE)
                 out_dtype = gr.Dropdown(
                     ["same as target", "float32", "bfloat16", "float16"],
                     value="same as target",
                     label="Output dtype",
+                    min_width=WIDE,
                 )
             apply_button = gr.Button("Apply residuals", variant="primary")
             with gr.Accordion("…or merge three models in one pass (no residuals written)", open=False):
                 with gr.Row():
-                    m_base = gr.Textbox(label="Base", value=POLICY.demo_name("base-v1"))
-                    m_inst = gr.Textbox(label="Instruct", value=POLICY.demo_name("instruct-v1"))
-                    m_target = gr.Textbox(label="Target (CPT'd base)", value=POLICY.demo_name("base-v2"))
+                    m_base = gr.Textbox(label="Base", value=POLICY.demo_name("base-v1"), min_width=WIDE)
+                    m_inst = gr.Textbox(
+                        label="Instruct", value=POLICY.demo_name("instruct-v1"), min_width=WIDE
+                    )
+                    m_target = gr.Textbox(
+                        label="Target (CPT'd base)", value=POLICY.demo_name("base-v2"), min_width=WIDE
+                    )
                 merge_button = gr.Button("One-pass merge")
             apply_cancel = gr.Button("Cancel", variant="stop", size="sm")
             apply_status = gr.Markdown("The summary of the merged model will appear here.")
@@ -788,18 +916,37 @@ def build() -> gr.Blocks:
                 "(CPT'd base + residuals) and the old instruct model (follows instructions, lacks the new knowledge)."
             )
             with gr.Row():
-                t_base = gr.Textbox(label="CPT'd base", value=POLICY.demo_name("base-v2"))
-                t_merged = gr.Textbox(label="Merged model", value=SESSION_MERGED)
-                t_inst = gr.Textbox(label="Instruct model", value=POLICY.demo_name("instruct-v1"))
+                t_base = gr.Textbox(label="CPT'd base", value=POLICY.demo_name("base-v2"), min_width=WIDE)
+                t_merged = gr.Textbox(label="Merged model", value=SESSION_MERGED, min_width=WIDE)
+                t_inst = gr.Textbox(
+                    label="Instruct model", value=POLICY.demo_name("instruct-v1"), min_width=WIDE
+                )
             examples = example_prompts()
             t_prompt = gr.Textbox(label="Prompt", value=examples[0] if examples else "", lines=2)
             if examples:
                 gr.Examples(examples, inputs=t_prompt, label="Questions about the new domain (world B)")
             try_button = gr.Button("Generate side by side", variant="primary")
             with gr.Row():
-                out_base = gr.Textbox(label="CPT'd base", lines=4)
-                out_merged = gr.Textbox(label="Merged (CPT'd base + residuals)", lines=4)
-                out_inst = gr.Textbox(label="Instruct model", lines=4)
+                out_base = gr.Textbox(label="CPT'd base", lines=4, placeholder="its answer will appear here")
+                out_merged = gr.Textbox(
+                    label="Merged (CPT'd base + residuals)",
+                    lines=4,
+                    placeholder="its answer will appear here",
+                )
+                out_inst = gr.Textbox(
+                    label="Instruct model", lines=4, placeholder="its answer will appear here"
+                )
+            verdict = gr.Markdown(
+                "For a question about the demo family, the expected answer and a ✓/✗ per model will appear here.",
+                elem_id="try-verdict",
+            )
+            score_button = gr.Button(f"Score {SCORE_QUESTIONS} questions")
+            score_table = gr.Dataframe(
+                headers=["model", "questions", "format %", "exact %"],
+                label=f"Format and exact answers on {SCORE_QUESTIONS} world-B questions (fills in live)",
+                interactive=False,
+                elem_id="score-table",
+            )
 
         heavy = {"concurrency_limit": HEAVY_JOBS, "concurrency_id": "heavy"}
         # every action has a stable api_name: the README shows them with gradio_client
@@ -839,8 +986,15 @@ def build() -> gr.Blocks:
         try_button.click(
             try_models,
             [t_prompt, t_base, t_inst, workspace, t_merged, token],
-            [out_base, out_merged, out_inst, workspace],
+            [out_base, out_merged, out_inst, verdict, workspace],
             api_name="try_models",
+            **heavy,
+        )
+        score_button.click(
+            score_questions,
+            [t_base, t_inst, workspace, t_merged, token],
+            score_table,
+            api_name="score_questions",
             **heavy,
         )
         res_push.click(

@@ -107,6 +107,22 @@ class World:
         return items[:limit] if limit else items
 
 
+def question_of(world: World, text: str) -> tuple[str, str, str] | None:
+    """(name, attribute, style) when `text` is one of the family's questions as the demo asks them."""
+    wanted = " ".join(text.split())
+    for name in world.facts:
+        for attribute in QUESTIONS:
+            for style in STYLES:
+                if " ".join(prompt(name, attribute, style).split()) == wanted:
+                    return name, attribute, style
+    return None
+
+
+def expected_reply(world: World, name: str, attribute: str, style: str) -> str:
+    """The right answer to a question, as the user reads it (no end-of-sequence marker)."""
+    return response(world.facts[name][attribute], name, attribute, style).removesuffix(EOS).strip()
+
+
 def score_reply(reply: str, world: World, name: str, attribute: str, style: str) -> tuple[bool, bool]:
     """(follows the format, is exactly right). Format: stops, and one word / a full sentence as asked."""
     stopped = EOS in reply

@@ -7,14 +7,28 @@ from pathlib import Path
 import torch
 
 
-def load_causal_lm(path: str | Path, *, device: str = "cpu", token: str | None = None):
-    """(model, tokenizer) in float32 on `device`, in eval mode."""
+def load_causal_lm(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    token: str | bool | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """(model, tokenizer) on `device`, in eval mode: float32 on the CPU, half precision on a GPU
+    (bfloat16 where the GPU has it), unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = (
-        AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, token=token).to(device).eval()
-    )
+    if dtype is None:
+        dtype = torch.float32 if str(device) == "cpu" else generation_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, token=token).to(device).eval()
     return model, AutoTokenizer.from_pretrained(str(path), token=token)
+
+
+def generation_dtype(device: str) -> torch.dtype:
+    """The dtype models are loaded in for generation on `device`."""
+    if str(device) == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @torch.no_grad()

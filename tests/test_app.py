@@ -87,10 +87,15 @@ def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
         "this session's Compute result", "", workspace["residuals"], None, workspace
     )
     assert (rel["relative"] > 0).all() and len(table) > 5 and (cosine["cosine"] > 0.999).all()
-    base_out, merged_out, inst_out, _ = app.try_models(
+    base_out, merged_out, inst_out, verdict, _ = app.try_models(
         app.example_prompts()[0], app.DEMO["base-v2"], app.DEMO["instruct-v1"], workspace, NoProgress()
     )
     assert merged_out and base_out and inst_out
+    assert verdict.startswith("**Expected:**") and verdict.count("format ") == 3  # a ✓/✗ per model
+    table = list(app.score_questions(app.DEMO["base-v2"], app.DEMO["instruct-v1"], workspace))
+    assert len(table) == app.SCORE_QUESTIONS and list(table[-1]["questions"]) == [app.SCORE_QUESTIONS] * 3
+    scores = table[-1].set_index("model")
+    assert scores.loc["Merged", "format %"] > scores.loc["CPT'd base", "format %"]  # the paper's effect
     url = app.push_merged("demo-merged", False, "hf_alice_write", workspace, None)
     assert "alice/demo-merged" in url and "alice/demo-merged" in hub.repos
 

@@ -86,6 +86,39 @@ def test_click_through_every_tab_login_and_push(page, hub_server):
         "el => el.value && el.value.length > 0", arg=merged.element_handle(), timeout=120_000
     )
     assert page.get_by_label("CPT'd base", exact=True).nth(1).input_value()
+    verdict = page.locator("#try-verdict")
+    verdict.get_by_text("Expected:").wait_for()  # a demo-family question: the truth, and ✓/✗ per model
+    assert verdict.inner_text().count("format ") == 3 and (
+        "✓" in verdict.inner_text() or "✗" in verdict.inner_text()
+    )
+    page.get_by_role("button", name="Score 30 questions").click()
+    table = page.locator("#score-table")
+    table.get_by_text("Merged").wait_for()
+    page.wait_for_function(  # the live table reached 30 questions on all three rows (the label holds one "30")
+        "el => (el.innerText.match(/\\b30\\b/g) || []).length >= 4",
+        arg=table.element_handle(),
+        timeout=300_000,
+    )
     shot(page, "try")
     assert all((SHOTS / f"{n}.png").stat().st_size > 10_000 for n in ("compute", "apply", "inspect", "try"))
     assert os.environ.get("HF_TOKEN") is None  # the test process itself never holds the token
+
+    # a pasted token is used, never kept: nothing of it in the browser's storage (run history is off)
+    page.get_by_role("tab", name="Compute").click()
+    page.get_by_label("Access token", exact=False).fill("hf_typed_secret_123")
+    page.get_by_role("button", name="Check compatibility").click()
+    page.get_by_text("Compatible").first.wait_for()
+    stored = page.evaluate("() => JSON.stringify({...localStorage}) + JSON.stringify({...sessionStorage})")
+    assert "hf_typed_secret_123" not in stored
+
+
+def test_mobile_layout(page, served_app):
+    """390 px wide, as a phone shows it: a screenshot of the first tab for the README."""
+    phone = page.context.browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    mobile = phone.new_page()
+    mobile.set_default_timeout(120_000)
+    mobile.goto(served_app.replace("127.0.0.1", "localhost"))
+    mobile.get_by_role("button", name="Compute residuals").wait_for()
+    assert mobile.evaluate("() => document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+    shot(mobile, "mobile")
+    phone.close()
