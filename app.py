@@ -34,6 +34,7 @@ from residuals_core.hosting import (
     JobEstimate,
     estimate_job,
     refuse_if_too_long,
+    visitor_fix,
     visitor_token,
 )
 from residuals_core.options import Options
@@ -145,7 +146,8 @@ def ui_errors(fn):
     """Show ResidualsError messages (what went wrong + what to do) as gr.Error popups, escaped."""
 
     def shown(exc: ResidualsError) -> gr.Error:  # a field's text reaches the message as text, never as HTML
-        return gr.Error(html.escape(f"{exc.problem} — {exc.fix}"), duration=None)
+        fix = visitor_fix(exc.fix) if ON_SPACE else exc.fix
+        return gr.Error(html.escape(f"{exc.problem} — {fix}"), duration=None)
 
     if isgeneratorfunction(fn):  # a live table: errors may come on any step
 

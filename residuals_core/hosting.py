@@ -9,6 +9,7 @@ accepted too. A visitor's reads carry the visitor's own token, or none: never th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,3 +177,31 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# What a visitor can act on: the engine's fixes speak to someone at a shell (tokens in environment
+# variables, network settings, disk flags); on a Space the visitor can only sign in, retry or choose
+# other models, so those fixes are said that way instead.
+_VISITOR_FIXES = (
+    (
+        re.compile(r"HF_TOKEN|token=\.\.\."),
+        "Sign in with Hugging Face (the button at the top) with an account that can read the model, then try again.",
+    ),
+    (
+        re.compile(r"HF_HUB_OFFLINE|HF_ENDPOINT|network connection"),
+        "The Space could not reach the Hub just now: try again in a minute.",
+    ),
+    (
+        re.compile(r"TMPDIR|work_dir|--max-shard-size|--out\b|--overwrite|output folder on a larger disk"),
+        "This Space is short of disk for it right now: try smaller models, or run it on your own machine "
+        "(python -m residuals_core … --push-to).",
+    ),
+)
+
+
+def visitor_fix(fix: str) -> str:
+    """The engine's fix as a visitor of a hosted Space can act on it."""
+    for pattern, replacement in _VISITOR_FIXES:
+        if pattern.search(fix):
+            return replacement
+    return fix

@@ -84,3 +84,14 @@ def test_estimates_and_refusal():
     refuse_if_too_long(estimate_job([(1e6, False)], 1e6, limits), limits)
     limits = HostLimits.from_environment({"STUDIO_MAX_JOB_MINUTES": "5", "STUDIO_HUB_MB_PER_S": "50"})
     assert limits.max_seconds == 300 and limits.hub_bytes_per_s == 50e6
+
+
+def test_fixes_are_said_as_a_visitor_can_act_on_them():
+    from residuals_core.hosting import visitor_fix
+
+    assert "Sign in" in visitor_fix("Check the id; for a private model pass a token (token=... / HF_TOKEN).")
+    assert "try again in a minute" in visitor_fix(
+        "Check your network connection (or HF_HUB_OFFLINE / HF_ENDPOINT)."
+    )
+    assert "short of disk" in visitor_fix("Free some space, or point TMPDIR (work_dir=) at a larger disk.")
+    assert visitor_fix("Use models of one family and size.") == "Use models of one family and size."

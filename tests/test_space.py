@@ -172,6 +172,9 @@ def test_visitor_reads_never_carry_the_space_token(space, hub_server):
     bob = client(url, oauth_token="hf_bob_write")
     refused(lambda: bob.predict("studio-owner/private-base", "demo:instruct-v1", "float32", True,
                                 api_name="/check"), "not found")  # fmt: skip
+    message = refused(lambda: anonymous.predict("studio-owner/private-base", "demo:instruct-v1", "float32", True,
+                                                api_name="/check"), "Sign in with Hugging Face")  # fmt: skip
+    assert "HF_TOKEN" not in message  # a visitor is not told to set the server's environment
     tokens = {entry["token"] for entry in hub_server.log}
     assert hub_server.log and SPACE_SECRET not in tokens
     assert tokens <= {None, "hf_bob_write"} and "hf_bob_write" in tokens  # bob's requests carry bob's own
