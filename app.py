@@ -47,6 +47,13 @@ QUEUE_SIZE = int(os.environ.get("STUDIO_QUEUE_SIZE", "16"))  # events waiting at
 MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
 POLICY = InputPolicy(on_space=ON_SPACE, demo_family=DEMO_FAMILY)
 LIMITS = HostLimits.from_environment(os.environ)
+# (base, instruct, target): one version's instruction residuals onto another version's base, same shapes
+CROSS_VERSION_EXAMPLES = (
+    ("Qwen/Qwen2-0.5B", "Qwen/Qwen2-0.5B-Instruct", "Qwen/Qwen2.5-0.5B"),
+    ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2-0.5B"),
+    ("Qwen/Qwen2-1.5B", "Qwen/Qwen2-1.5B-Instruct", "Qwen/Qwen2.5-1.5B"),
+    ("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B"),
+)
 WIDE = 300  # min width of side-by-side fields: on a phone (390 px) they stack instead of clipping
 FIELD_HINT = "Hub id or demo model" if ON_SPACE else "Hub id, local folder or demo model"
 FROM_SESSION = "this session's Compute result"  # the radio choice for SESSION_RESIDUALS
@@ -876,6 +883,12 @@ def build() -> gr.Blocks:
                     m_target = gr.Textbox(
                         label="Target (CPT'd base)", value=POLICY.demo_name("base-v2"), min_width=WIDE
                     )
+                gr.Examples(
+                    [list(example) for example in CROSS_VERSION_EXAMPLES],
+                    inputs=[m_base, m_inst, m_target],
+                    label="Real cross-version pairs (residuals of one version onto the other's base; "
+                    "Llama needs a login with access to the gated models)",
+                )
                 merge_button = gr.Button("One-pass merge")
             apply_cancel = gr.Button("Cancel", variant="stop", size="sm")
             apply_status = gr.Markdown("The summary of the merged model will appear here.")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
+from app import CROSS_VERSION_EXAMPLES
 from residuals_core.demo import DEMO_FAMILY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,3 +256,48 @@ def test_run_history_is_off(space):
     with urllib.request.urlopen(url + "config") as response:
         config = json.loads(response.read())
     assert config.get("run_history") is False
+
+
+# ---- 5. real cross-version examples ------------------------------------------------------------------
+def sparse_checkpoint(folder: Path, config: dict) -> None:
+    """A checkpoint with the real model's exact tensor names, shapes and dtypes, its data a sparse hole."""
+    import struct
+
+    import torch
+    from tiny_models import build_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        if config["tie_word_embeddings"] and name == "lm_head.weight":
+            continue  # tied: save_pretrained stores it once, as the embedding
+        size = tensor.numel() * 2
+        header[name] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        f.truncate(8 + len(encoded) + offset)
+    build_tokenizer().save_pretrained(folder)
+
+
+@pytest.mark.parametrize("example", CROSS_VERSION_EXAMPLES, ids=lambda e: e[2])
+def test_cross_version_examples_line_up(example, tmp_path):
+    """Each suggested (base, instruct, target) has the same tensors and shapes, checked at the real models'
+    configurations from headers, as the merge itself checks them before reading a weight."""
+    from real_configs import CONFIGS
+
+    from residuals_core import operations
+
+    folders = []
+    for repo in example:
+        folder = tmp_path / repo.replace("/", "--")
+        sparse_checkpoint(folder, CONFIGS[repo])
+        folders.append(folder)
+    report = operations.check_compatibility(folders[0], folders[1], target=folders[2])
+    assert report["tensors"] > 100 and not report["notes"]
+    assert report["parameters"] > 4e8
