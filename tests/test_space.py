@@ -301,3 +301,24 @@ def test_cross_version_examples_line_up(example, tmp_path):
     report = operations.check_compatibility(folders[0], folders[1], target=folders[2])
     assert report["tensors"] > 100 and not report["notes"]
     assert report["parameters"] > 4e8
+
+
+@needs_family
+def test_a_visitor_pushes_into_their_own_namespace_with_their_own_token(space, hub_server):
+    url, folders, _ = space
+    bob = client(url, oauth_token="hf_bob_write")
+    bob.predict("demo:base-v1", "demo:instruct-v1", "float32", True, api_name="/compute")
+    hub_server.log.clear()
+    pushed = bob.predict("space-pushed-residuals", True, api_name="/push_residuals")
+    assert "bob/space-pushed-residuals" in pushed and hub_server.repos["bob/space-pushed-residuals"].private
+    tokens = {e["token"] for e in hub_server.log}  # (LFS uploads go to pre-signed addresses, without one)
+    assert "hf_bob_write" in tokens and tokens <= {"hf_bob_write", None}  # never the Space's own secret
+    card = HfApi(token="hf_bob_write").hf_hub_download("bob/space-pushed-residuals", "README.md")
+    text = Path(card).read_text()
+    assert str(DEMO_FAMILY) not in text
+    assert str(folders["tmp"]) not in text and "/tmp/" not in text and str(ROOT) not in text
+    anonymous = client(url)
+    anonymous.predict("demo:base-v1", "demo:instruct-v1", "float32", True, api_name="/compute")
+    refused(lambda: anonymous.predict("x", True, api_name="/push_residuals"), "not logged in")
+    bob.close()
+    anonymous.close()
