@@ -19,6 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import spaces
 import torch
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import get_token
 
 from residuals_core import ResidualsError, apply_residuals, compute_residuals, merge_models, operations
@@ -37,6 +38,7 @@ from residuals_core.hosting import (
     visitor_fix,
     visitor_token,
 )
+from residuals_core.hub import HUB_PREFIX
 from residuals_core.options import Options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -381,22 +383,29 @@ def compute(
     token: str | None,
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects it)
+    direct: bool = False,
+    repo_name: str = "",
+    private: bool = True,
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request | None = None,
 ):
+    """Residuals into the session's folder, or with `direct` straight into the visitor's Hub repo."""
     _require_pair(base, instruct)  # compute itself rejects incompatible models from headers, before work
     base_model, instruct_model = (
         _model(base, "base model", workspace),
         _model(instruct, "instruct model", workspace),
     )
-    read_token = _token(token, oauth_token)
+    read_token = _write_token(token, oauth_token) if direct else _token(token, oauth_token)
+    push = _repo_name_given(repo_name) if direct else None
     estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
     _ensure_folders(workspace, request)
     with heavy_job(workspace, progress, "computing") as (cache, report):
         result = compute_residuals(
             base_model,
             instruct_model,
-            _job_output(workspace, "residuals"),
+            None if push else _job_output(workspace, "residuals"),
+            push_to=push,
+            private=private,
             dtype=dtype,
             normalize_embeddings=normalize,
             token=read_token,
@@ -404,9 +413,12 @@ def compute(
             device=DEVICE,
             progress=report,
         )
-        kept = _keep(workspace, "residuals", result.path)
-        progress(0.92, desc="zipping the residuals for download")
-        archive, download = _zip(kept, workspace)
+        if push:
+            archive, download = None, _streamed(result, workspace, "residuals")
+        else:
+            kept = _keep(workspace, "residuals", result.path)
+            progress(0.92, desc="zipping the residuals for download")
+            archive, download = _zip(kept, workspace)
     recon = result.reconstruction or {}
     exact = (
         "base + R reproduces the instruct model **bit for bit**"
@@ -470,10 +482,16 @@ def apply(
     token: str | None,
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008
+    direct: bool = False,
+    repo_name: str = "",
+    private: bool = True,
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request | None = None,
 ):
     scale = _check_scale(scale)
+    push = (_repo_name_given(repo_name), private) if direct else None
+    if direct:
+        token = _write_token(token, oauth_token)
     residuals = _residuals_source(source, residuals_path, workspace)
     if not target.strip():
         raise gr.Error("Give the target model (your continued-pre-trained base): a Hub id or a demo model.")
@@ -484,11 +502,12 @@ def apply(
         target,
         scale,
         dtype,
-        _token(token, oauth_token),
+        token if direct else _token(token, oauth_token),
         progress,
         "applying",
         f"`{html.escape(target.strip())}` + {scale:g}·R",
         request,
+        push,
     )
 
 
@@ -504,8 +523,9 @@ def _into_merged(
     label: str,
     what: str,
     request: gr.Request | None = None,
+    push: tuple[str, bool] | None = None,
 ):
-    """Run apply or merge into the session's `merged` folder with a per-job Hub cache."""
+    """Run apply or merge into the session's `merged` folder (or straight into the Hub repo `push`)."""
     target_model = _model(target, "target model", workspace)
     roles = ["residuals"] if operation is apply_residuals else ["base", "instruct"]
     out_dtype = None if dtype == "same as target" else dtype
@@ -515,7 +535,9 @@ def _into_merged(
         result = operation(
             *inputs,
             target_model,
-            _job_output(workspace, "merged"),
+            None if push else _job_output(workspace, "merged"),
+            push_to=push[0] if push else None,
+            private=push[1] if push else False,
             scale=scale,
             dtype=out_dtype,
             token=token,
@@ -523,9 +545,12 @@ def _into_merged(
             device=DEVICE,
             progress=report,
         )
-        kept = _keep(workspace, "merged", result.path)
-        progress(0.92, desc="zipping the merged model for download")
-        archive, download = _zip(kept, workspace)
+        if push:
+            archive, download = None, _streamed(result, workspace, "merged")
+        else:
+            kept = _keep(workspace, "merged", result.path)
+            progress(0.92, desc="zipping the merged model for download")
+            archive, download = _zip(kept, workspace)
     name = _repo_name(target) + "-plus-residuals"
     return _merged_summary(result, what, estimate) + download, archive, workspace, name
 
@@ -541,10 +566,16 @@ def merge(
     token: str | None,
     workspace: dict[str, Any],
     progress: gr.Progress = gr.Progress(),  # noqa: B008
+    direct: bool = False,
+    repo_name: str = "",
+    private: bool = True,
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request | None = None,
 ):
     scale = _check_scale(scale)
+    push = (_repo_name_given(repo_name), private) if direct else None
+    if direct:
+        token = _write_token(token, oauth_token)
     if not (base.strip() and instruct.strip() and target.strip()):
         raise gr.Error("Fill in base, instruct and target models for a one-pass merge.")
     return _into_merged(
@@ -554,11 +585,12 @@ def merge(
         target,
         scale,
         dtype,
-        _token(token, oauth_token),
+        token if direct else _token(token, oauth_token),
         progress,
         "merging",
         "one pass",
         request,
+        push,
     )
 
 
@@ -759,6 +791,16 @@ def _push(kind: str, repo_name: str, private: bool, token_field: str | None, wor
         raise gr.Error(
             f"Nothing to push yet: {'compute residuals' if kind == 'residuals' else 'apply or merge'} first."
         )
+    if folder.startswith(HUB_PREFIX):
+        url = f"{hub_constants.ENDPOINT}/{folder.removeprefix(HUB_PREFIX)}"
+        return f"✅ Already on the Hub: it was written straight into [{url}]({url})."
+    token = _write_token(token_field, oauth_token)
+    url = operations.push_to_hub(folder, _repo_name_given(repo_name), private=private, token=token)
+    return f"✅ Pushed to [{url}]({url})" + (" (private)" if private else "")
+
+
+def _write_token(token_field: str | None, oauth_token: gr.OAuthToken | None) -> str:
+    """The token a push is made with: the visitor's own login (locally also a pasted or the machine's token)."""
     token = None
     if oauth_token is not None and oauth_token.token != MOCK_OAUTH:
         token = oauth_token.token  # the logged-in visitor's own token
@@ -776,11 +818,22 @@ def _push(kind: str, repo_name: str, private: bool, token_field: str | None, wor
             )
             + ". Nothing was pushed."
         )
-    name = repo_name.strip()
+    return token
+
+
+def _repo_name_given(repo_name: str | None) -> str:
+    name = (repo_name or "").strip()
     if not name:
         raise gr.Error("Give the repository a name.")
-    url = operations.push_to_hub(folder, name, private=private, token=token)
-    return f"✅ Pushed to [{url}]({url})" + (" (private)" if private else "")
+    return name
+
+
+def _streamed(result, workspace: dict[str, Any], kind: str) -> str:
+    """A result written straight into a Hub repo: the session's result is that repo; nothing is kept here."""
+    from huggingface_hub import RepoUrl
+
+    workspace[kind] = HUB_PREFIX + RepoUrl(result.url).repo_id
+    return f"\n\nStreamed straight into [{result.url}]({result.url}): nothing of it was kept on this Space."
 
 
 @ui_errors
@@ -798,7 +851,7 @@ def push_box(label: str):
     with gr.Group():
         gr.Markdown(f"#### Push {label} to your Hub namespace")
         with gr.Row():
-            repo = gr.Textbox(label="Repository name", placeholder="my-model-residuals", scale=3)
+            repo = gr.Textbox(label="Repository name", value="", placeholder="my-model-residuals", scale=3)
             private = gr.Checkbox(label="Private", value=True, scale=1)
         button = gr.Button(f"Push {label}")
         status = gr.Markdown()
@@ -850,6 +903,11 @@ def build() -> gr.Blocks:
             with gr.Row():
                 check_button = gr.Button("Check compatibility")
                 compute_button = gr.Button("Compute residuals", variant="primary")
+            res_direct = gr.Checkbox(
+                value=False,
+                label="Write the result straight into my Hub repo (named below) instead of this Space's disk — "
+                "for large results: nothing is kept here",
+            )
             compute_cancel = gr.Button("Cancel", variant="stop", size="sm")
             compute_status = gr.Markdown("The summary of the residuals will appear here.")
             with gr.Row():
@@ -890,6 +948,11 @@ def build() -> gr.Blocks:
                     "Llama needs a login with access to the gated models)",
                 )
                 merge_button = gr.Button("One-pass merge")
+            m_direct = gr.Checkbox(
+                value=False,
+                label="Write the result straight into my Hub repo (named below) instead of this Space's disk — "
+                "for large results: nothing is kept here",
+            )
             apply_cancel = gr.Button("Cancel", variant="stop", size="sm")
             apply_status = gr.Markdown("The summary of the merged model will appear here.")
             apply_zip = gr.File(label="Download the merged model (zip)")
@@ -973,21 +1036,21 @@ def build() -> gr.Blocks:
         )
         compute_event = compute_button.click(
             compute,
-            [base, instruct, dtype, normalize, token, workspace],
+            [base, instruct, dtype, normalize, token, workspace, res_direct, res_repo, res_private],
             [compute_status, compute_bar, compute_heat, compute_zip, workspace, res_repo],
             api_name="compute",
             **heavy,
         )
         apply_event = apply_button.click(
             apply,
-            [source, residuals_path, target, scale, out_dtype, token, workspace],
+            [source, residuals_path, target, scale, out_dtype, token, workspace, m_direct, m_repo, m_private],
             [apply_status, apply_zip, workspace, m_repo],
             api_name="apply",
             **heavy,
         )
         merge_event = merge_button.click(
             merge,
-            [m_base, m_inst, m_target, scale, out_dtype, token, workspace],
+            [m_base, m_inst, m_target, scale, out_dtype, token, workspace, m_direct, m_repo, m_private],
             [apply_status, apply_zip, workspace, m_repo],
             api_name="merge",
             **heavy,

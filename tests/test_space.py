@@ -322,3 +322,40 @@ def test_a_visitor_pushes_into_their_own_namespace_with_their_own_token(space, h
     refused(lambda: anonymous.predict("x", True, api_name="/push_residuals"), "not logged in")
     bob.close()
     anonymous.close()
+
+
+@needs_family
+def test_large_results_stream_straight_into_the_visitors_repo(space, hub_server):
+    """'Write straight into my Hub repo': the result goes to the visitor's repo as it is computed, nothing
+    of it stays on the Space, and the session's next steps read it from there with the visitor's token."""
+    url, folders, _ = space
+
+    def residual_folders() -> set[Path]:
+        return {p for p in folders["tmp"].rglob("residuals*") if p.is_dir()}
+
+    before = residual_folders()
+    bob = client(url, oauth_token="hf_bob_write")
+    computed = bob.predict(
+        "demo:base-v1",
+        "demo:instruct-v1",
+        "float32",
+        True,
+        True,
+        "streamed-residuals",
+        True,
+        api_name="/compute",
+    )
+    assert "Streamed straight into" in computed[0] and computed[3] is None  # no zip: nothing kept here
+    files = {f.rfilename for f in HfApi(token="hf_bob_write").model_info("bob/streamed-residuals").siblings}
+    assert {"model.safetensors", "config.json", "residuals_manifest.json", "README.md"} <= files
+    assert residual_folders() <= before  # no residuals folder of this session on the Space's disk
+    applied = bob.predict("this session's Compute result", "", "demo:base-v2", 1.0, "same as target",
+                          api_name="/apply")  # fmt: skip
+    assert "Merged model ready" in applied[0]
+    refused(lambda: bob.predict("demo:base-v1", "demo:instruct-v1", "float32", True, True, "", True,
+                                api_name="/compute"), "Give the repository a name")  # fmt: skip
+    anonymous = client(url)
+    refused(lambda: anonymous.predict("demo:base-v1", "demo:instruct-v1", "float32", True, True, "x", True,
+                                      api_name="/compute"), "not logged in")  # fmt: skip
+    bob.close()
+    anonymous.close()
