@@ -243,7 +243,8 @@ def preflight(models: list[tuple[str, str]], token: str | bool | None, dtype: st
     `models` are (model, role) with the output's shape taken from the last one (the target, or the
     instruct model for compute); `dtype` is the output's, None for the target's own.
     """
-    opened = operations.open_models([(m, r) for m, r in models], Options(token=token))
+    with scratch_cache() as cache:
+        opened = operations.open_models([(m, r) for m, r in models], Options(token=token, cache_dir=cache))
     try:
         shape_from = opened[-1]
         if dtype is None:
@@ -260,6 +261,14 @@ def preflight(models: list[tuple[str, str]], token: str | bool | None, dtype: st
             checkpoint.close()
     refuse_if_too_long(estimate, LIMITS)
     return estimate
+
+
+@contextlib.contextmanager
+def scratch_cache():
+    """A Hub cache for one look at models (their small files), removed after it: a shared cache would
+    grow with every stranger's models and keep them for everyone."""
+    with tempfile.TemporaryDirectory(prefix="studio-look-") as folder:
+        yield folder
 
 
 def cancel_job(workspace: dict[str, Any]) -> str:
@@ -285,9 +294,15 @@ def _gpu_seconds(*args, **kwargs) -> int:
         if not isinstance(value, str) or ("/" not in value and ":" not in value) or "\n" in value:
             continue  # only model ids (org/name), demo names and folders count
         try:
-            size += operations.open_model(
-                _model(value, "input", workspace), role="input", options=Options(token=token)
-            ).total_bytes
+            with (
+                scratch_cache() as cache,
+                operations.open_model(
+                    _model(value, "input", workspace),
+                    role="input",
+                    options=Options(token=token, cache_dir=cache),
+                ) as checkpoint,
+            ):
+                size += checkpoint.total_bytes
         except Exception:  # not a model (a dtype, a radio choice…), refused or unreachable: count nothing
             continue
     return int(min(900, 60 + 2 * size / 1e9))
@@ -355,9 +370,15 @@ def check_models(
         _model(instruct, "instruct model", workspace),
     )
     read_token = _token(token, oauth_token)
-    report = operations.check_compatibility(
-        base_model, instruct_model, normalize_embeddings=normalize, dtype=dtype, token=read_token
-    )
+    with scratch_cache() as cache:
+        report = operations.check_compatibility(
+            base_model,
+            instruct_model,
+            normalize_embeddings=normalize,
+            dtype=dtype,
+            token=read_token,
+            cache_dir=cache,
+        )
     estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
     sizes = ", ".join(f"`{k}` {_size(v)}" for k, v in report["size_on_disk"].items())
     notes = "".join(f"\n- note: {n}" for n in report["notes"])
@@ -606,7 +627,8 @@ def inspect(
 ):
     target = _residuals_source(source, path, workspace)
     read_token = _token(token, oauth_token)
-    report = operations.inspect_residuals(target, token=read_token)
+    with scratch_cache() as cache:
+        report = operations.inspect_residuals(target, token=read_token, cache_dir=cache)
     relative = f", ‖R‖/‖θ_base‖ = {report['relative']:.3g}" if report.get("relative") else ""
     summary = (
         f"**{html.escape(str(report['instruct_model']))} − {html.escape(str(report['base_model']))}** "
@@ -615,7 +637,8 @@ def inspect(
     cosine = pd.DataFrame(columns=["layer", "cosine"])
     if compare.strip():
         other = _model(compare, "comparison residuals", workspace)
-        rows = operations.compare_residuals(target, other, token=read_token)
+        with scratch_cache() as cache:
+            rows = operations.compare_residuals(target, other, token=read_token, cache_dir=cache)
         cosine = pd.DataFrame(rows, columns=["layer", "cosine"]).fillna(0.0)
         mean = cosine["cosine"].mean() if len(cosine) else 0.0
         summary += f"\n\nCompared with `{html.escape(compare.strip())}`: mean per-layer cosine similarity **{mean:.3f}**."
@@ -648,7 +671,12 @@ def _try_paths(cpt_base, merged, instruct, workspace, token) -> list[str]:
     dtype = generation_dtype(DEVICE)
     needed = 0
     for model in dict.fromkeys(models):  # headers only: the size in memory before anything is loaded
-        with operations.open_model(model, role="model", options=Options(token=token)) as checkpoint:
+        with (
+            scratch_cache() as cache,
+            operations.open_model(
+                model, role="model", options=Options(token=token, cache_dir=cache)
+            ) as checkpoint,
+        ):
             needed += sum(t.numel for t in checkpoint.tensors.values()) * dtype.itemsize
     if needed > TRY_MEMORY_BYTES:
         raise gr.Error(
@@ -656,7 +684,9 @@ def _try_paths(cpt_base, merged, instruct, workspace, token) -> list[str]:
             f"the {_size(TRY_MEMORY_BYTES)} this Space gives the Try tab. Compare smaller models here, or run the app "
             "on your own machine (scripts/serve.sh)."
         )
-    return [operations.resolve_for_generation(m, token=token) for m in models]
+    # downloads for generation go to the session's own cache, removed with the session
+    cache = Path(_ensure_folders(workspace, None)["dir"]) / "try-cache"
+    return [operations.resolve_for_generation(m, token=token, cache_dir=cache) for m in models]
 
 
 def _session_models(key: str, paths: list[str]) -> list[tuple]:
@@ -718,6 +748,7 @@ def try_models(
     if not text.strip():
         raise gr.Error("Type a prompt (or pick an example) first.")
     read_token = _token(token, oauth_token)
+    _ensure_folders(workspace, request)
     progress(0.05, desc="fetching the models")
     paths = _try_paths(cpt_base, merged, instruct, workspace, read_token)
     progress(0.3, desc="loading the models")
@@ -753,6 +784,7 @@ def score_questions(
     if not (DEMO_FAMILY / "world.json").is_file():
         raise gr.Error("The demo family is not installed here, so there are no questions to score.")
     world = World.load(DEMO_FAMILY)
+    _ensure_folders(workspace, request)
     paths = _try_paths(cpt_base, merged, instruct, workspace, _token(token, oauth_token))
     models = _session_models(getattr(request, "session_hash", None) or "local", paths)
     items = world.questions(world.world_b, SCORE_QUESTIONS, seed=0)

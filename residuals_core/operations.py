@@ -583,9 +583,14 @@ def check_compatibility(
 
 
 @reports_os_errors
-def inspect_residuals(path: str | os.PathLike, *, token: str | bool | None = None) -> dict[str, Any]:
+def inspect_residuals(
+    path: str | os.PathLike,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Per-layer and per-module norms of a residuals (or merged) folder or Hub repo."""
-    checkpoint, config = open_residuals(path, options=Options(token=token))
+    checkpoint, config = open_residuals(path, options=Options(token=token, cache_dir=cache_dir))
     manifest = read_manifest(checkpoint.folder) or {}
     with checkpoint:
         tensors = manifest.get("tensors") or stats.tensor_norms(checkpoint)
@@ -604,15 +609,25 @@ def inspect_residuals(path: str | os.PathLike, *, token: str | bool | None = Non
 
 @reports_os_errors
 def compare_residuals(
-    a: str | os.PathLike, b: str | os.PathLike, *, token: str | bool | None = None
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Per-layer cosine similarity of two residual sets (e.g. two versions of one family)."""
-    first, _ = open_residuals(a, options=Options(token=token), verify=False)
-    second, _ = open_residuals(b, options=Options(token=token), verify=False)
+    options = Options(token=token, cache_dir=cache_dir)
+    first, _ = open_residuals(a, options=options, verify=False)
+    second, _ = open_residuals(b, options=options, verify=False)
     with first, second:
         return stats.cosine_by_layer(first, second)
 
 
-def resolve_for_generation(name_or_path: str | os.PathLike, *, token: str | bool | None = None) -> str:
+def resolve_for_generation(
+    name_or_path: str | os.PathLike,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> str:
     """A local folder for transformers to load: the folder itself, or a Hub id's downloaded snapshot."""
-    return str(hub.resolve_model_folder(name_or_path, token=token))
+    return str(hub.resolve_model_folder(name_or_path, token=token, cache_dir=cache_dir))

@@ -189,7 +189,7 @@ def test_results_name_no_server_paths_and_sessions_leave_nothing(space, hub_serv
     """Three visitors at once get their own results; cards and manifests name no server path; the disk
     (session folders, Gradio's cache) is back at its baseline once their tabs close."""
     url, folders, log_path = space
-    watched = (folders["tmp"], folders["gradio"])
+    watched = (folders["tmp"], folders["gradio"], folders["hf"])
     time.sleep(1)
     baseline = disk_bytes(*watched)
     downloads = folders["gradio"] / "studio-downloads"
