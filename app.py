@@ -999,7 +999,10 @@ def build() -> gr.Blocks:
                 label="Compare with another residual set (optional: e.g. another version of the family)"
             )
             inspect_button = gr.Button("Inspect", variant="primary")
-            inspect_status = gr.Markdown(elem_id="inspect-status")
+            inspect_status = gr.Markdown(
+                "The residuals' lineage and norms will appear here; the plots below fill in.",
+                elem_id="inspect-status",
+            )
             with gr.Row():
                 inspect_bar = gr.BarPlot(
                     x="layer", y="norm", title="‖R‖ per layer", x_title="layer", y_title="‖R‖"

@@ -14,6 +14,7 @@ def _free_port() -> int:
 
 # huggingface_hub reads HF_ENDPOINT when imported: point it at the local test Hub before anything imports it
 HUB_PORT = _free_port()
+ROOT = Path(__file__).resolve().parent.parent
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.pop("HF_TOKEN", None)
@@ -74,7 +75,7 @@ def hub(hub_server, tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def served_app(hub_server, tmp_path_factory):
     port = _free_port()
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     env = {
         **os.environ,
         "GRADIO_SERVER_PORT": str(port),
@@ -101,6 +102,52 @@ def served_app(hub_server, tmp_path_factory):
         proc.kill()
         raise RuntimeError(f"app did not start: {Path(log.name).read_text()}")
     yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def space(hub_server, tmp_path_factory):
+    """The app served in Space mode; yields (url, its folders, its log file)."""
+    root = tmp_path_factory.mktemp("space")
+    folders = {"tmp": root / "tmp", "gradio": root / "gradio", "hf": root / "hf"}
+    for folder in folders.values():
+        folder.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "SYSTEM": "spaces",
+        "SPACE_ID": "studio-owner/residuals-studio",
+        "HF_TOKEN": "hf_space_secret",
+        "OAUTH_CLIENT_ID": "fake-client-id",
+        "OAUTH_CLIENT_SECRET": "fake-client-secret",
+        "OAUTH_SCOPES": "openid profile read-repos write-repos",
+        "OPENID_PROVIDER_URL": "http://127.0.0.1:9",
+        "TMPDIR": str(folders["tmp"]),
+        "GRADIO_TEMP_DIR": str(folders["gradio"]),
+        "HF_HOME": str(folders["hf"]),
+        "HF_HUB_CACHE": str(folders["hf"] / "hub"),
+    }
+    log_path = root / "app.log"
+    log = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(log_path.read_text()) from None
+            time.sleep(0.5)
+    yield url, folders, log_path
     proc.terminate()
     proc.wait(timeout=30)
     log.close()

@@ -122,3 +122,25 @@ def test_mobile_layout(page, served_app):
     assert mobile.evaluate("() => document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     shot(mobile, "mobile")
     phone.close()
+
+
+def test_space_mode_in_the_browser(page, space):
+    """As a visitor of the hosted Space sees it: no token field, and a server path typed into a model
+    field is refused in words on the page."""
+    url, _, _ = space
+    visitor = page.context.browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    visitor.set_default_timeout(120_000)
+    visitor.goto(url.replace("127.0.0.1", "localhost"))
+    visitor.get_by_role("button", name="Check compatibility").wait_for()
+    assert visitor.get_by_label("Access token", exact=False).count() == 0
+    for field, value in (("Base model", "/etc"), ("Instruct model", "<b>../../etc/passwd</b>")):
+        box = visitor.get_by_label(field, exact=False).first
+        box.fill(value)
+        visitor.get_by_role("button", name="Check compatibility").click()
+        visitor.get_by_text("folders on the server cannot be read").first.wait_for()
+        if "<b>" in value:  # typed HTML is shown as the text it is, not rendered
+            visitor.get_by_text("<b>../../etc/passwd</b>", exact=False).first.wait_for()
+        box.fill("demo:base-v1" if field == "Base model" else "demo:instruct-v1")
+        for close in visitor.locator(".toast-close").all():
+            close.click()
+    visitor.context.close()

@@ -8,10 +8,7 @@ and is driven through gradio_client as visitors would drive it.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -33,52 +30,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def space(hub_server, tmp_path_factory):
-    """The app served in Space mode; yields (url, its folders, its log file)."""
-    root = tmp_path_factory.mktemp("space")
-    folders = {"tmp": root / "tmp", "gradio": root / "gradio", "hf": root / "hf"}
-    for folder in folders.values():
-        folder.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "SYSTEM": "spaces",
-        "SPACE_ID": "studio-owner/residuals-studio",
-        "HF_TOKEN": SPACE_SECRET,
-        "OAUTH_CLIENT_ID": "fake-client-id",
-        "OAUTH_CLIENT_SECRET": "fake-client-secret",
-        "OAUTH_SCOPES": "openid profile read-repos write-repos",
-        "OPENID_PROVIDER_URL": "http://127.0.0.1:9",
-        "TMPDIR": str(folders["tmp"]),
-        "GRADIO_TEMP_DIR": str(folders["gradio"]),
-        "HF_HOME": str(folders["hf"]),
-        "HF_HUB_CACHE": str(folders["hf"] / "hub"),
-    }
-    log_path = root / "app.log"
-    log = open(log_path, "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(log_path.read_text()) from None
-            time.sleep(0.5)
-    yield url, folders, log_path
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
 
 
 def client(url: str, oauth_token: str | None = None):
