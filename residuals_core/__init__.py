@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .config import ResidualsConfig
 from .errors import ResidualsError
-from .operations import apply_residuals, compute_residuals, merge_models
+from .operations import apply_residuals, compute_residuals, export_lora, merge_models
 from .residuals import Residuals
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "__version__",
     "apply_residuals",
     "compute_residuals",
+    "export_lora",
     "merge_models",
 ]

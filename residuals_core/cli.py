@@ -165,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "lora",
+        help="residuals as a PEFT LoRA adapter (truncated SVD per projection)",
+        description="Export residuals (or instruct − base) as a LoRA adapter that peft loads on the CPT'd base: "
+        "the truncated SVD of each attention/MLP projection's residual, in float32. Embeddings, output head "
+        "and norms are left out (the card says how much of ‖R‖² they hold).",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--residuals", help="residuals folder or Hub id (from compute)")
+    source.add_argument("--base", help="base model: export instruct − base without writing residuals")
+    p.add_argument("--instruct", help="with --base: the instruction-tuned model")
+    cut = p.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--rank", type=int, help="rank of every adapted matrix, e.g. 8")
+    cut.add_argument(
+        "--energy", type=float, help="per matrix, the smallest rank keeping this share of ‖R‖², e.g. 0.9"
+    )
+    _common(p)
+
+    p = sub.add_parser(
         "inspect",
         help="per-layer norms of a residuals (or merged) folder",
         description="Print per-layer ‖R‖ (and ‖R‖/‖θ_base‖ when recorded) of a residuals folder.",
@@ -221,6 +239,26 @@ def run(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2))
         else:
             _print_table(report)
+        return 0
+    if args.command == "lora":
+        if (args.base is None) != (args.instruct is None):
+            raise ResidualsError("--base and --instruct go together.", "Give both, or --residuals instead.")
+        result = operations.export_lora(
+            args.residuals,
+            args.out,
+            base=args.base,
+            instruct=args.instruct,
+            rank=args.rank,
+            energy=args.energy,
+            options=_options(args, progress),
+        )
+        summary = result.summary
+        ranks = sorted({m["rank"] for m in summary["matrices"]})
+        print(
+            f"LoRA adapter written to {result.location}: {len(summary['matrices'])} matrices, ranks "
+            f"{ranks[0]}–{ranks[-1]}, ‖R − R̂‖/‖R‖ = {summary['relative_error']:.4f}, "
+            f"{summary['adapter_bytes'] / 1e6:.1f} MB (full residuals: {summary['residual_bytes'] / 1e6:.1f} MB)"
+        )
         return 0
     common = dict(normalize_embeddings=args.normalize_embeddings, options=_options(args, progress))
     if args.command == "compute":

@@ -10,6 +10,7 @@ or a Hub repo (`push_to=`). How the run reads and writes travels as one `Options
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "check_compatibility",
     "compare_residuals",
     "compute_residuals",
+    "export_lora",
     "inspect_residuals",
     "merge_models",
     "open_model",
@@ -631,3 +633,73 @@ def resolve_for_generation(
 ) -> str:
     """A local folder for transformers to load: the folder itself, or a Hub id's downloaded snapshot."""
     return str(hub.resolve_model_folder(name_or_path, token=token, cache_dir=cache_dir))
+
+
+# ---- smaller residuals -------------------------------------------------------------------------------
+@reports_os_errors
+def export_lora(
+    residuals: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    base: str | os.PathLike | Checkpoint | None = None,
+    instruct: str | os.PathLike | Checkpoint | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    options: Options | None = None,
+    **option_overrides: Any,
+) -> Result:
+    """A PEFT LoRA adapter of residuals (a folder or Hub id), or straight from `base` and `instruct`.
+
+    Written into `out_dir` or the Hub repo `push_to`, with a card saying what it holds and leaves out.
+    """
+    from .lora import DifferenceSource, adapted_module, adapter_card, extract_lora
+
+    options = make_options(options, option_overrides)
+    arithmetic.check_device(options.device)
+    if (residuals is None) == (base is None and instruct is None) or (
+        residuals is None and None in (base, instruct)
+    ):
+        raise ResidualsError(
+            "Give residuals, or both a base and an instruct model (not both kinds).",
+            "Use --residuals R, or --base B --instruct I.",
+        )
+    if residuals is not None:
+        source, config = open_residuals(residuals, options=options)
+        inputs: list[TensorSource] = [source]
+        base_name, instruct_name = config.base_model_name, config.instruct_model_name
+    else:
+        inputs = open_models([(base, "base"), (instruct, "instruct")], options)
+        source = DifferenceSource(*inputs)
+        base_name, instruct_name = inputs[0].label, inputs[1].label
+    try:
+        shapes = [i.shape for n, i in source.tensors.items() if adapted_module(n) and len(i.shape) == 2]
+        bound = sum((min(rank, *s) if rank else min(s)) * sum(s) * 4 for s in shapes)
+        sink = open_sink(out_dir, options, inputs=inputs)
+        check_disk(sink, [bound])
+        with sink:
+            report = extract_lora(
+                source,
+                sink.path,
+                rank=rank,
+                energy=energy,
+                base_model=public_name(base_name),
+                device=str(options.device),
+                progress=options.progress,
+            )
+            source.finish()
+            (sink.path / "lora_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+            (sink.path / "README.md").write_text(
+                adapter_card(
+                    name=_name_of(sink),
+                    base_model=public_name(base_name),
+                    lineage=f"`{public_name(instruct_name)}` − `{public_name(base_name)}`",
+                    report=report,
+                    rank=rank,
+                    energy=energy,
+                ),
+                encoding="utf-8",
+            )
+    finally:
+        _close_all(source)
+    result = Result(path=None, tensors={}, summary=report.as_dict(), manifest={})
+    return _published(result, sink)

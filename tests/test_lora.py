@@ -1,0 +1,106 @@
+"""LoRA export: PEFT loads the adapter, full rank gives back target + R, rank r keeps what the SVD keeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import load_state
+
+from residuals_core import ResidualsError, compute_residuals, export_lora
+from residuals_core.cli import main
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def residuals(families, tmp_path_factory):
+    fam = families("llama")
+    folder = tmp_path_factory.mktemp("lora") / "residuals"
+    compute_residuals(fam["base"], fam["instruct"], folder)
+    return fam, folder
+
+
+def merged_with_peft(target, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+
+def test_full_rank_adapter_merges_to_target_plus_residual(residuals, tmp_path):
+    fam, folder = residuals
+    result = export_lora(folder, tmp_path / "adapter", rank=10_000)  # capped at each matrix's full rank
+    assert result.summary["relative_error"] < 1e-5
+    merged = merged_with_peft(fam["target"], tmp_path / "adapter")
+    target, delta = load_state(fam["target"]), load_state(folder)
+    adapted = [m["name"] for m in result.summary["matrices"]]
+    assert len(adapted) == 2 * 7  # 2 layers × q, k, v, o, gate, up, down
+    for name in adapted:
+        assert torch.allclose(merged[name], target[name] + delta[name], atol=1e-5), name
+    untouched = [n for n in target if n not in adapted and n in merged]
+    assert all(torch.equal(merged[n], target[n]) for n in untouched)  # embeddings, norms: left out
+
+
+def test_rank_r_error_is_the_truncated_svds(residuals, tmp_path):
+    _, folder = residuals
+    result = export_lora(folder, tmp_path / "r2", rank=2)
+    delta = load_state(folder)
+    adapter = load_file(tmp_path / "r2" / "adapter_model.safetensors")
+    for entry in result.summary["matrices"]:
+        module = entry["name"].removesuffix(".weight")
+        a = adapter[f"base_model.model.{module}.lora_A.weight"]
+        b = adapter[f"base_model.model.{module}.lora_B.weight"]
+        assert a.shape[0] == b.shape[1] == 2
+        r = delta[entry["name"]].double()
+        s = torch.linalg.svdvals(r)
+        optimum = float(torch.sqrt((s[2:] ** 2).sum()) / torch.sqrt((s**2).sum()))
+        actual = float(torch.linalg.norm(r - (b @ a).double()) / torch.linalg.norm(r))
+        assert actual == pytest.approx(optimum, rel=1e-4) and entry["relative_error"] == pytest.approx(
+            optimum, rel=1e-4
+        )
+    config = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 2
+    card = (tmp_path / "r2" / "README.md").read_text()
+    assert "library_name: peft" in card and "Left out" in card
+
+
+def test_energy_picks_the_smallest_rank_per_matrix(residuals, tmp_path, families):
+    fam, folder = residuals
+    result = export_lora(folder, tmp_path / "e", energy=0.5)
+    assert all(m["energy_kept"] >= 0.5 for m in result.summary["matrices"])
+    delta = load_state(folder)
+    for entry in result.summary["matrices"]:
+        s = torch.linalg.svdvals(delta[entry["name"]].double()) ** 2
+        assert float(s[: entry["rank"] - 1].sum() / s.sum()) < 0.5  # one fewer would not do
+    merged = merged_with_peft(fam["target"], tmp_path / "e")  # per-matrix ranks load through rank_pattern
+    assert merged
+
+
+def test_straight_from_two_models_equals_from_residuals(residuals, tmp_path):
+    fam, folder = residuals
+    code = main(["lora", "--base", str(fam["base"]), "--instruct", str(fam["instruct"]), "--rank", "3",
+                 "--out", str(tmp_path / "direct"), "--quiet"])  # fmt: skip
+    assert code == 0
+    export_lora(folder, tmp_path / "saved", rank=3)
+    direct = load_file(tmp_path / "direct" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert direct.keys() == saved.keys()
+    for key in [k for k in direct if "lora_A" in k]:
+        b_key = key.replace("lora_A", "lora_B")
+        assert torch.allclose(direct[b_key] @ direct[key], saved[b_key] @ saved[key], atol=1e-6)
+
+
+def test_bad_requests_refused(residuals, tmp_path):
+    _, folder = residuals
+    with pytest.raises(ResidualsError, match="either a rank or an energy"):
+        export_lora(folder, tmp_path / "x")
+    with pytest.raises(ResidualsError, match="not a share"):
+        export_lora(folder, tmp_path / "x", energy=1.5)
+    with pytest.raises(ResidualsError, match="not a positive whole number"):
+        export_lora(folder, tmp_path / "x", rank=0)
+    assert not (tmp_path / "x").exists()
+    assert main(["lora", "--base", str(folder), "--rank", "2", "--out", str(tmp_path / "y"), "--quiet"]) == 2
