@@ -112,6 +112,18 @@ def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _sparsity_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dare", type=float, default=None, metavar="P",
+        help="drop a share P of each tensor's elements at random (seeded) and scale the rest by 1/(1-P)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="with --dare: the random seed (default 0)")
+    p.add_argument(
+        "--trim", type=float, default=None, metavar="K",
+        help="keep the share K of each tensor's largest magnitudes (TIES' trim step), e.g. 0.2; the rest are zero",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m residuals_core",
@@ -139,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--instruct-tokenizer", default=None, help="tokenizer to save, if not the instruct model's"
     )
     p.add_argument("--license", default=None, help="license for the model card, e.g. apache-2.0")
+    _sparsity_options(p)
+    _common(p)
+
+    p = sub.add_parser(
+        "sparsify",
+        help="DARE and/or magnitude trimming of an existing residuals folder",
+        description="Drop (DARE) or trim (TIES-style) the elements of residuals, into an ordinary residuals folder.",
+    )
+    p.add_argument("--residuals", required=True, help="residuals folder or Hub id (from compute)")
+    _sparsity_options(p)
     _common(p)
 
     p = sub.add_parser(
@@ -221,6 +243,29 @@ def _options(args: argparse.Namespace, progress: _TqdmProgress) -> Options:
     )
 
 
+def _compute_sparsified(args: argparse.Namespace, common: dict):
+    """compute --dare/--trim: the exact residuals into a temporary folder, then sparsified into --out."""
+    import tempfile
+
+    from .options import work_dir
+
+    options = common["options"]
+    with tempfile.TemporaryDirectory(prefix="residuals-exact-", dir=work_dir(options)) as folder:
+        exact = operations.compute_residuals(
+            args.base,
+            args.instruct,
+            folder + "/residuals",
+            dtype=args.dtype,
+            instruct_tokenizer_name=args.instruct_tokenizer,
+            license=args.license,
+            normalize_embeddings=args.normalize_embeddings,
+            options=options.with_(push_to=None, overwrite=False),
+        )
+        return operations.sparsify_residuals(
+            exact.path, args.out, dare=args.dare, trim=args.trim, seed=args.seed, options=options
+        )
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every `with` block cleans up as on Ctrl-C."""
 
@@ -261,7 +306,20 @@ def run(argv: list[str] | None = None) -> int:
         )
         return 0
     common = dict(normalize_embeddings=args.normalize_embeddings, options=_options(args, progress))
-    if args.command == "compute":
+    if args.command == "sparsify":
+        result = operations.sparsify_residuals(
+            args.residuals,
+            args.out,
+            dare=args.dare,
+            trim=args.trim,
+            seed=args.seed,
+            options=common["options"],
+        )
+        print(f"sparsified residuals written to {result.location}")
+    elif args.command == "compute" and (args.dare is not None or args.trim is not None):
+        result = _compute_sparsified(args, common)
+        print(f"sparsified residuals written to {result.location}")
+    elif args.command == "compute":
         result = operations.compute_residuals(
             args.base,
             args.instruct,

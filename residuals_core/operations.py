@@ -52,6 +52,7 @@ __all__ = [
     "open_residuals",
     "push_to_hub",
     "render_card",
+    "sparsify_residuals",
 ]
 
 
@@ -702,4 +703,70 @@ def export_lora(
     finally:
         _close_all(source)
     result = Result(path=None, tensors={}, summary=report.as_dict(), manifest={})
+    return _published(result, sink)
+
+
+@reports_os_errors
+def sparsify_residuals(
+    residuals: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    dare: float | None = None,
+    trim: float | None = None,
+    seed: int = 0,
+    options: Options | None = None,
+    **option_overrides: Any,
+) -> Result:
+    """Residuals with DARE (`dare`: drop rate) and/or magnitude trimming (`trim`: share kept per tensor).
+
+    Streamed into an ordinary residuals folder (or Hub repo) that the `residuals` package reads;
+    the note, manifest and card say what was done.
+    """
+    import copy
+
+    from .sparsify import DareSource, TrimmedSource
+
+    options = make_options(options, option_overrides)
+    if dare is None and trim is None:
+        raise ResidualsError(
+            "Nothing to do: neither dare nor trim was given.", "Use --dare 0.9 and/or --trim 0.2."
+        )
+    source, config = open_residuals(residuals, options=options)
+    try:
+        view: TensorSource = source
+        done = []
+        if trim is not None:
+            view = TrimmedSource(view, trim)
+            done.append(f"trimmed to the {100 * trim:g}% largest magnitudes of each tensor (TIES' trim step)")
+        if dare is not None:
+            view = DareSource(view, dare, seed)
+            done.append(
+                f"DARE: {100 * dare:g}% of the elements dropped at random (seed {seed}), the rest scaled by 1/(1−{dare:g})"
+            )
+        plan = arithmetic.plan_tensors(
+            [("residuals", view)], out_dtype=lambda info: info.dtype, normalize_embeddings=False
+        )
+        plan.notes.append(f"sparsified from {public_name(residuals)}: " + "; ".join(done))
+        tokenizer = folder_tokenizer(source.folder, config.tokenizer_name)
+        with _ready_sink(out_dir, plan, options, [source.folder], [source]) as sink:
+            weights, measured = stream_into(
+                sink, plan, lambda pieces, out, into: (pieces[0], pieces[0]), options, inputs=[view],
+                reference_operand=None,
+            )  # fmt: skip
+            result = write_residuals_files(
+                sink.path,
+                weights,
+                infos=[o.info for o in plan.outputs],
+                plan=plan,
+                tensor_stats={n: s.as_dict() for n, s in measured.items()},
+                reconstruction=None,
+                base_name=config.base_model_name,
+                instruct_name=config.instruct_model_name,
+                tokenizer=tokenizer,
+                generation_config=source.folder / "generation_config.json",
+                config=copy.deepcopy(config),
+                card_name=_name_of(sink),
+            )
+    finally:
+        source.close()
     return _published(result, sink)
