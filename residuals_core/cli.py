@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         "lora",
         help="residuals as a PEFT LoRA adapter (truncated SVD per projection)",
         description="Export residuals (or instruct − base) as a LoRA adapter that peft loads on the CPT'd base: "
-        "the truncated SVD of each attention/MLP projection's residual, in float32. Embeddings, output head "
-        "and norms are left out (the card says how much of ‖R‖² they hold).",
+        "the truncated SVD of each attention/MLP projection's residual (and of the embedding and output head), "
+        "in float32. Norms are left out (the card says how much of ‖R‖² they hold).",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--residuals", help="residuals folder or Hub id (from compute)")
@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--rank", type=int, help="rank of every adapted matrix, e.g. 8")
     cut.add_argument(
         "--energy", type=float, help="per matrix, the smallest rank keeping this share of ‖R‖², e.g. 0.9"
+    )
+    p.add_argument(
+        "--no-embeddings",
+        dest="embeddings",
+        action="store_false",
+        help="leave the input embedding and output head out of the adapter (only the projections)",
     )
     _common(p)
 
@@ -295,6 +301,7 @@ def run(argv: list[str] | None = None) -> int:
             instruct=args.instruct,
             rank=args.rank,
             energy=args.energy,
+            embeddings=args.embeddings,
             options=_options(args, progress),
         )
         summary = result.summary

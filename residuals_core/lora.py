@@ -30,6 +30,8 @@ from .errors import ResidualsError
 # the projections LoRA adapts: Llama / Mistral / Qwen style (nn.Linear, weight out × in) and GPT-2's Conv1D
 LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONV1D_PROJECTIONS = ("c_attn", "c_proj", "c_fc")
+EMBEDDINGS = ("embed_tokens", "wte")  # nn.Embedding: PEFT's lora_embedding_A (r × rows) / _B (dim × r)
+OUTPUT_HEADS = ("lm_head",)  # nn.Linear like the projections
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -71,14 +73,19 @@ class LoraReport:
         }
 
 
-def adapted_module(name: str) -> str | None:
+def adapted_module(name: str, *, embeddings: bool = True) -> str | None:
     """The module a weight belongs to when LoRA adapts it (`…q_proj.weight` -> `…q_proj`), else None."""
     if not name.endswith(".weight"):
         return None
     module = name.removesuffix(".weight")
-    if module.rsplit(".", 1)[-1] in LINEAR_PROJECTIONS + CONV1D_PROJECTIONS:
+    kinds = LINEAR_PROJECTIONS + CONV1D_PROJECTIONS + ((EMBEDDINGS + OUTPUT_HEADS) if embeddings else ())
+    if module.rsplit(".", 1)[-1] in kinds:
         return module
     return None
+
+
+def _is_embedding(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] in EMBEDDINGS
 
 
 def choose_rank(singular_values: torch.Tensor, *, rank: int | None, energy: float | None) -> int:
@@ -117,10 +124,15 @@ def extract_lora(
     rank: int | None = None,
     energy: float | None = None,
     base_model: str | None = None,
+    embeddings: bool = True,
     device: str = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> LoraReport:
-    """Write adapter_config.json and adapter_model.safetensors for `residuals` into `folder`."""
+    """Write adapter_config.json and adapter_model.safetensors for `residuals` into `folder`.
+
+    With `embeddings`, the input embedding and the output head are adapted too (LoRA on an
+    nn.Embedding is PEFT's `lora_embedding_A/B`); norms are always left out.
+    """
     try:
         from peft import LoraConfig
     except ImportError:
@@ -136,14 +148,18 @@ def extract_lora(
     if energy is not None and not (0 < energy <= 1):
         raise ResidualsError(f"energy {energy!r} is not a share in (0, 1].", "Use e.g. --energy 0.9.")
     names = list(residuals.tensors)
-    modules = {n: adapted_module(n) for n in names}
+    modules = {n: adapted_module(n, embeddings=embeddings) for n in names}
     targets = [n for n in names if modules[n] is not None and len(residuals.tensors[n].shape) == 2]
     if not targets:
         raise ResidualsError(
             f"{residuals.label} has no attention or MLP projection weights that LoRA can adapt.",
             "Give residuals of a Llama-, Mistral-, Qwen- or GPT-2-style model.",
         )
-    conv1d = {modules[n].rsplit(".", 1)[-1] in CONV1D_PROJECTIONS for n in targets}
+    conv1d = {
+        modules[n].rsplit(".", 1)[-1] in CONV1D_PROJECTIONS
+        for n in targets
+        if modules[n].rsplit(".", 1)[-1] not in EMBEDDINGS + OUTPUT_HEADS
+    }
     if len(conv1d) > 1:
         raise ResidualsError(
             f"{residuals.label} mixes Linear and Conv1D projections.", "Export models of one kind."
@@ -162,11 +178,18 @@ def extract_lora(
             if info.dtype.is_floating_point:
                 report.left_out[name] = float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
             continue
-        matrix = delta.t() if fan_in_fan_out else delta  # Conv1D stores (in, out)
-        b, a, kept, error = factorize(matrix, rank=rank, energy=energy, device=device)
         module = modules[name]
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+        head = module.rsplit(".", 1)[-1] in OUTPUT_HEADS
+        # Conv1D stores (in, out); an embedding's delta is (Bᴬ)ᵀ in PEFT: factorize the (dim × rows) transpose
+        transposed = _is_embedding(module) or (fan_in_fan_out and not head)
+        matrix = delta.t() if transposed else delta
+        b, a, kept, error = factorize(matrix, rank=rank, energy=energy, device=device)
+        if _is_embedding(module):
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = a
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = b
+        else:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b
         ranks[module] = a.shape[0]
         norm_sq = float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
         report.matrices.append(MatrixReport(name, tuple(matrix.shape), a.shape[0], kept, error, norm_sq))
@@ -250,6 +273,17 @@ def adapter_card(
     adapted = sum(m.norm_sq for m in report.matrices)
     share_left = left / (left + adapted) if left + adapted else 0.0
     ranks = sorted({m.rank for m in report.matrices})
+    kinds = sorted(
+        {n.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1] for n in report.left_out}
+    )
+    left_kinds = ", ".join(kinds[:6]) + (" …" if len(kinds) > 6 else "") or "none"
+    embedded = any(_is_embedding(m.name.removesuffix(".weight")) for m in report.matrices)
+    embedding_note = (
+        "; the embedding and output head are adapted too (their LoRA factors have R's vocabulary rows: "
+        "resize a target with fewer rows first)"
+        if embedded
+        else "; the embedding and output head were left out on request"
+    )
     rule = (
         f"rank {rank} for every matrix"
         if rank is not None
@@ -264,7 +298,8 @@ def adapter_card(
     body = f"""
 # {name}: instruction residuals as a LoRA adapter
 
-The instruction residual R = θ_instruct − θ_base ({lineage}) of every attention and MLP projection, cut to
+The instruction residual R = θ_instruct − θ_base ({lineage}) of every attention and MLP projection (and,
+unless left out, of the embedding and output head), cut to
 its largest singular values (truncated SVD in float32: the best approximation of its rank in the
 Frobenius norm), {rule}: ranks {ranks[0]}–{ranks[-1]}. Load it on a continued-pre-trained version of the
 base model to regain instruction following without instruction tuning.
@@ -283,9 +318,8 @@ model = model.merge_and_unload()  # base + B·A on every adapted weight
 ## What it holds, and what it leaves out
 
 - {len(report.matrices)} matrices adapted; over them ‖R − R̂‖/‖R‖ = {report.relative_error:.4f}.
-- Left out: {len(report.left_out)} tensors (embeddings, output head, norms: LoRA cannot express a norm's delta,
-  and a full embedding would overwrite the rows continued pre-training changed), holding
-  {100 * share_left:.1f}% of ‖R‖².
+- Left out: {len(report.left_out)} tensors ({left_kinds}), holding {100 * share_left:.1f}% of ‖R‖² — LoRA
+  cannot express a norm's delta{embedding_note}.
 - Size: {report.adapter_bytes / 1e6:.1f} MB, against {report.residual_bytes / 1e6:.1f} MB for the full residuals.
 
 Made with Residuals Studio (`python -m residuals_core lora`).

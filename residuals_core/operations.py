@@ -646,10 +646,14 @@ def export_lora(
     instruct: str | os.PathLike | Checkpoint | None = None,
     rank: int | None = None,
     energy: float | None = None,
+    embeddings: bool = True,
     options: Options | None = None,
     **option_overrides: Any,
 ) -> Result:
     """A PEFT LoRA adapter of residuals (a folder or Hub id), or straight from `base` and `instruct`.
+
+    `embeddings=False` leaves the embedding and output head out (on the demo family that loses the
+    instruction following: see the README's quality table).
 
     Written into `out_dir` or the Hub repo `push_to`, with a card saying what it holds and leaves out.
     """
@@ -673,7 +677,11 @@ def export_lora(
         source = DifferenceSource(*inputs)
         base_name, instruct_name = inputs[0].label, inputs[1].label
     try:
-        shapes = [i.shape for n, i in source.tensors.items() if adapted_module(n) and len(i.shape) == 2]
+        shapes = [
+            i.shape
+            for n, i in source.tensors.items()
+            if adapted_module(n, embeddings=embeddings) and len(i.shape) == 2
+        ]
         bound = sum((min(rank, *s) if rank else min(s)) * sum(s) * 4 for s in shapes)
         sink = open_sink(out_dir, options, inputs=inputs)
         check_disk(sink, [bound])
@@ -684,6 +692,7 @@ def export_lora(
                 rank=rank,
                 energy=energy,
                 base_model=public_name(base_name),
+                embeddings=embeddings,
                 device=str(options.device),
                 progress=options.progress,
             )

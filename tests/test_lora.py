@@ -38,11 +38,22 @@ def test_full_rank_adapter_merges_to_target_plus_residual(residuals, tmp_path):
     merged = merged_with_peft(fam["target"], tmp_path / "adapter")
     target, delta = load_state(fam["target"]), load_state(folder)
     adapted = [m["name"] for m in result.summary["matrices"]]
-    assert len(adapted) == 2 * 7  # 2 layers × q, k, v, o, gate, up, down
+    assert len(adapted) == 2 * 7 + 2  # 2 layers × q, k, v, o, gate, up, down; the embedding and the head
     for name in adapted:
         assert torch.allclose(merged[name], target[name] + delta[name], atol=1e-5), name
     untouched = [n for n in target if n not in adapted and n in merged]
-    assert all(torch.equal(merged[n], target[n]) for n in untouched)  # embeddings, norms: left out
+    assert untouched and all(torch.equal(merged[n], target[n]) for n in untouched)  # norms: left out
+
+
+def test_without_embeddings_only_the_projections(residuals, tmp_path):
+    fam, folder = residuals
+    result = export_lora(folder, tmp_path / "proj", rank=4, embeddings=False)
+    adapted = {m["name"] for m in result.summary["matrices"]}
+    assert len(adapted) == 14 and "model.embed_tokens.weight" in result.summary["left_out"]
+    merged = merged_with_peft(fam["target"], tmp_path / "proj")
+    assert torch.equal(
+        merged["model.embed_tokens.weight"], load_state(fam["target"])["model.embed_tokens.weight"]
+    )
 
 
 def test_rank_r_error_is_the_truncated_svds(residuals, tmp_path):
@@ -52,10 +63,15 @@ def test_rank_r_error_is_the_truncated_svds(residuals, tmp_path):
     adapter = load_file(tmp_path / "r2" / "adapter_model.safetensors")
     for entry in result.summary["matrices"]:
         module = entry["name"].removesuffix(".weight")
-        a = adapter[f"base_model.model.{module}.lora_A.weight"]
-        b = adapter[f"base_model.model.{module}.lora_B.weight"]
-        assert a.shape[0] == b.shape[1] == 2
         r = delta[entry["name"]].double()
+        if module.endswith("embed_tokens"):  # PEFT's embedding LoRA: delta = (B·A)ᵀ
+            a = adapter[f"base_model.model.{module}.lora_embedding_A"]
+            b = adapter[f"base_model.model.{module}.lora_embedding_B"]
+            r = r.t()
+        else:
+            a = adapter[f"base_model.model.{module}.lora_A.weight"]
+            b = adapter[f"base_model.model.{module}.lora_B.weight"]
+        assert a.shape[0] == b.shape[1] == 2
         s = torch.linalg.svdvals(r)
         optimum = float(torch.sqrt((s[2:] ** 2).sum()) / torch.sqrt((s**2).sum()))
         actual = float(torch.linalg.norm(r - (b @ a).double()) / torch.linalg.norm(r))
@@ -89,8 +105,8 @@ def test_straight_from_two_models_equals_from_residuals(residuals, tmp_path):
     direct = load_file(tmp_path / "direct" / "adapter_model.safetensors")
     saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
     assert direct.keys() == saved.keys()
-    for key in [k for k in direct if "lora_A" in k]:
-        b_key = key.replace("lora_A", "lora_B")
+    for key in [k for k in direct if "_A" in k]:
+        b_key = key.replace("_A", "_B")
         assert torch.allclose(direct[b_key] @ direct[key], saved[b_key] @ saved[key], atol=1e-6)
 
 
