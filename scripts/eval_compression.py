@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import math
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -114,7 +115,7 @@ def evaluate(family: Path, limit: int) -> dict:
                     **scores(merged, world, limit, adapter=adapter, base=target),
                 }
             )
-            print(f"  {rows[-1]}", flush=True)
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
 
         for alpha in (0.5, 0.75, 1.0, 1.25):
             merged = apply_residuals(residuals, target, tmp / f"alpha-{alpha}", scale=alpha).path
