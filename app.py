@@ -22,7 +22,14 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import get_token
 
-from residuals_core import ResidualsError, apply_residuals, compute_residuals, merge_models, operations
+from residuals_core import (
+    ResidualsError,
+    apply_residuals,
+    compute_residuals,
+    export_lora,
+    merge_models,
+    operations,
+)
 from residuals_core.demo import DEMO_FAMILY, EOS, QUESTIONS, World, expected_reply, question_of, score_reply
 from residuals_core.demo import generate as demo_generate
 from residuals_core.demo import prompt as demo_prompt
@@ -39,6 +46,7 @@ from residuals_core.hosting import (
     visitor_token,
 )
 from residuals_core.hub import HUB_PREFIX
+from residuals_core.lora import preview_lora
 from residuals_core.options import Options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -653,6 +661,83 @@ def inspect(
     )
 
 
+# ---- Export smaller (LoRA) -------------------------------------------------------------------------------
+def _cut(mode: str, rank: float, energy: float) -> dict[str, Any]:
+    return {"rank": int(rank), "energy": None} if mode == "rank" else {"rank": None, "energy": float(energy)}
+
+
+@ui_errors
+def preview_export(
+    source: str,
+    path: str,
+    mode: str,
+    rank: float,
+    energy: float,
+    embeddings: bool,
+    token: str | None,
+    workspace: dict[str, Any],
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """Per layer, the share of ‖R‖² the adapter would keep, and its size — before anything is written."""
+    target = _residuals_source(source, path, workspace)
+    with scratch_cache() as cache:
+        checkpoint, _ = operations.open_residuals(
+            target, options=Options(token=_token(token, oauth_token), cache_dir=cache)
+        )
+        with checkpoint:
+            report = preview_lora(
+                checkpoint, embeddings=embeddings, device=DEVICE, **_cut(mode, rank, energy)
+            )
+    text = (
+        f"The adapter would keep **{100 * report['kept']:.1f}%** of ‖R‖² and weigh about "
+        f"**{_size(report['adapter_bytes'])}** (the full residuals: {_size(report['residual_bytes'])}). "
+        "Nothing was written yet: **Export** writes it."
+    )
+    return text, pd.DataFrame(report["layers"], columns=["layer", "kept"])
+
+
+@spaces.GPU(duration=_gpu_seconds)
+@ui_errors
+def export_smaller(
+    source: str,
+    path: str,
+    mode: str,
+    rank: float,
+    energy: float,
+    embeddings: bool,
+    token: str | None,
+    workspace: dict[str, Any],
+    progress: gr.Progress = gr.Progress(),  # noqa: B008
+    oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
+):
+    """The LoRA adapter into the session's folder, zipped for download (it is small), ready to push."""
+    target = _residuals_source(source, path, workspace)
+    _ensure_folders(workspace, request)
+    with heavy_job(workspace, progress, "exporting") as (cache, report):
+        result = export_lora(
+            target,
+            _job_output(workspace, "lora"),
+            embeddings=embeddings,
+            token=_token(token, oauth_token),
+            cache_dir=cache,
+            device=DEVICE,
+            progress=report,
+            **_cut(mode, rank, energy),
+        )
+        kept = _keep(workspace, "lora", result.path)
+        archive, download = _zip(kept, workspace)
+    summary = result.summary
+    ranks = sorted({m["rank"] for m in summary["matrices"]})
+    text = (
+        f"### LoRA adapter ready\n{len(summary['matrices'])} matrices, ranks {ranks[0]}–{ranks[-1]}, "
+        f"‖R − R̂‖/‖R‖ = {summary['relative_error']:.3f} over them; {_size(summary['adapter_bytes'])} "
+        f"(the full residuals: {_size(summary['residual_bytes'])}). Load it with peft on your CPT'd base: "
+        "`PeftModel.from_pretrained(model, ...)`." + download
+    )
+    return text, archive, workspace
+
+
 # ---- Try ----------------------------------------------------------------------------------------------
 TRY_MEMORY_BYTES = float(os.environ.get("STUDIO_TRY_MEMORY_GB", "8")) * 1e9  # the Try tab's models, together
 TRY_SESSIONS = int(os.environ.get("STUDIO_TRY_SESSIONS", "1"))  # sessions whose models stay loaded at once
@@ -820,9 +905,7 @@ def example_prompts() -> list[str]:
 def _push(kind: str, repo_name: str, private: bool, token_field: str | None, workspace, oauth_token) -> str:
     folder = workspace.get(kind)
     if not folder:
-        raise gr.Error(
-            f"Nothing to push yet: {'compute residuals' if kind == 'residuals' else 'apply or merge'} first."
-        )
+        raise gr.Error(f"Nothing to push yet: {NEXT_STEP[kind]} first.")
     if folder.startswith(HUB_PREFIX):
         url = f"{hub_constants.ENDPOINT}/{folder.removeprefix(HUB_PREFIX)}"
         return f"✅ Already on the Hub: it was written straight into [{url}]({url})."
@@ -866,6 +949,14 @@ def _streamed(result, workspace: dict[str, Any], kind: str) -> str:
 
     workspace[kind] = HUB_PREFIX + RepoUrl(result.url).repo_id
     return f"\n\nStreamed straight into [{result.url}]({result.url}): nothing of it was kept on this Space."
+
+
+NEXT_STEP = {"residuals": "compute residuals", "merged": "apply or merge", "lora": "export an adapter"}
+
+
+@ui_errors
+def push_lora(repo_name, private, token_field, workspace, oauth_token: gr.OAuthToken | None):
+    return _push("lora", repo_name, private, token_field, workspace, oauth_token)
 
 
 @ui_errors
@@ -1022,6 +1113,28 @@ def build() -> gr.Blocks:
                 title="Per-layer cosine similarity of the two residual sets",
                 y_lim=[-1, 1],
             )
+            with gr.Accordion("Export smaller: a LoRA adapter of these residuals", open=False):
+                gr.Markdown(
+                    "The truncated SVD of each projection's residual (and of the embedding and output head), "
+                    "in PEFT's format. **Preview** shows what a rank keeps, per layer, before anything is written."
+                )
+                with gr.Row():
+                    x_mode = gr.Radio(["rank", "energy"], value="rank", label="Cut by", min_width=WIDE)
+                    x_rank = gr.Slider(1, 64, value=8, step=1, label="Rank", min_width=WIDE)
+                    x_energy = gr.Slider(
+                        0.5, 0.99, value=0.9, step=0.01, label="Energy kept per matrix", min_width=WIDE
+                    )
+                x_embeddings = gr.Checkbox(value=True, label="Adapt the embedding and output head too")
+                with gr.Row():
+                    x_preview = gr.Button("Preview")
+                    x_export = gr.Button("Export", variant="primary")
+                x_status = gr.Markdown("What the adapter keeps and weighs will appear here.")
+                x_bar = gr.BarPlot(
+                    x="layer", y="kept", title="Share of ‖R‖² kept per layer", x_title="layer", y_title="kept",
+                    y_lim=[0, 1],
+                )  # fmt: skip
+                x_zip = gr.File(label="Download the adapter (zip)")
+                x_repo, x_private, x_push, x_pstatus = push_box("LoRA adapter")
 
         with gr.Tab("Try"):
             gr.Markdown(
@@ -1120,6 +1233,12 @@ def build() -> gr.Blocks:
         apply_cancel.click(
             cancel_job, [workspace], apply_status, cancels=[apply_event, merge_event], api_name=False
         )
+        x_inputs = [i_source, i_path, x_mode, x_rank, x_energy, x_embeddings, token, workspace]
+        x_preview.click(preview_export, x_inputs, [x_status, x_bar], api_name="preview_export", **heavy)
+        x_export.click(
+            export_smaller, x_inputs, [x_status, x_zip, workspace], api_name="export_lora", **heavy
+        )
+        x_push.click(push_lora, [x_repo, x_private, token, workspace], x_pstatus, api_name="push_lora")
         demo.unload(end_session)
     return demo
 

@@ -325,3 +325,46 @@ model = model.merge_and_unload()  # base + B·A on every adapted weight
 Made with Residuals Studio (`python -m residuals_core lora`).
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def preview_lora(
+    residuals: TensorSource,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    embeddings: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """What an export would keep, before anything is written: per layer the share of ‖R‖² kept (left-out
+    tensors count as lost), the adapter's size and the full residual's. Singular values only."""
+    from .stats import layer_label
+
+    if (rank is None) == (energy is None):
+        raise ResidualsError(
+            "Give either a rank or an energy share.", "Use a rank such as 8, or an energy such as 0.9."
+        )
+    layers: dict[str, list[float]] = {}
+    adapter_bytes = residual_bytes = 0
+    for name, info in residuals.tensors.items():
+        residual_bytes += info.nbytes
+        if not info.dtype.is_floating_point:
+            continue
+        delta = residuals.read(name).float()
+        total = float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
+        kept = 0.0
+        if adapted_module(name, embeddings=embeddings) and delta.dim() == 2:
+            squares = torch.linalg.svdvals(delta.to(device)).double().cpu() ** 2
+            r = choose_rank(squares.sqrt(), rank=rank, energy=energy)
+            kept = float(squares[:r].sum())
+            adapter_bytes += r * sum(delta.shape) * 4
+        entry = layers.setdefault(layer_label(name), [0.0, 0.0])
+        entry[0] += kept
+        entry[1] += total
+    rows = [{"layer": layer, "kept": k / t if t else 1.0} for layer, (k, t) in layers.items()]
+    kept_all = sum(k for k, _ in layers.values()) / max(sum(t for _, t in layers.values()), 1e-30)
+    return {
+        "layers": rows,
+        "kept": kept_all,
+        "adapter_bytes": adapter_bytes,
+        "residual_bytes": residual_bytes,
+    }

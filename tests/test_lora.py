@@ -120,3 +120,23 @@ def test_bad_requests_refused(residuals, tmp_path):
         export_lora(folder, tmp_path / "x", rank=0)
     assert not (tmp_path / "x").exists()
     assert main(["lora", "--base", str(folder), "--rank", "2", "--out", str(tmp_path / "y"), "--quiet"]) == 2
+
+
+def test_preview_says_what_the_export_keeps(residuals, tmp_path):
+    from residuals_core.lora import preview_lora
+    from residuals_core.operations import open_residuals
+
+    _, folder = residuals
+    checkpoint, _ = open_residuals(folder)
+    with checkpoint:
+        preview = preview_lora(checkpoint, rank=2)
+    result = export_lora(folder, tmp_path / "r2", rank=2)
+    summary = result.summary
+    kept = sum(m["energy_kept"] * m["norm_sq"] for m in summary["matrices"])
+    total = sum(m["norm_sq"] for m in summary["matrices"]) + sum(summary["left_out"].values())
+    assert preview["kept"] == pytest.approx(kept / total, rel=1e-6)
+    assert (
+        0 < preview["adapter_bytes"] <= summary["adapter_bytes"] < preview["adapter_bytes"] + 20_000
+    )  # + header
+    assert {row["layer"] for row in preview["layers"]} >= {"embed", "0", "1"}
+    assert all(0 <= row["kept"] <= 1 for row in preview["layers"])

@@ -310,3 +310,27 @@ def test_large_results_stream_straight_into_the_visitors_repo(space, hub_server)
                                       api_name="/compute"), "not logged in")  # fmt: skip
     bob.close()
     anonymous.close()
+
+
+@needs_family
+def test_export_smaller_through_the_api(space, hub_server):
+    """Inspect's Export smaller: a preview per layer before anything is written, then the adapter, then a push."""
+    url, _, _ = space
+    bob = client(url, oauth_token="hf_bob_write")
+    bob.predict("demo:base-v1", "demo:instruct-v1", "float32", True, api_name="/compute")
+    source = "this session's Compute result"
+    text, bars = bob.predict(source, "", "rank", 8, 0.9, True, api_name="/preview_export")
+    assert "would keep" in text and "Nothing was written yet" in text
+    layers = bars["value"]["data"] if isinstance(bars, dict) and "value" in bars else bars
+    assert layers  # one bar per layer
+    status, archive = bob.predict(source, "", "rank", 8, 0.9, True, api_name="/export_lora")
+    assert "LoRA adapter ready" in status
+    with zipfile.ZipFile(archive) as zipped:
+        names = set(zipped.namelist())
+        config = json.loads(zipped.read("adapter_config.json"))
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= names and config["r"] == 8
+    pushed = bob.predict("demo-lora", True, api_name="/push_lora")
+    assert "bob/demo-lora" in pushed
+    files = {f.rfilename for f in HfApi(token="hf_bob_write").model_info("bob/demo-lora").siblings}
+    assert "adapter_model.safetensors" in files
+    bob.close()
