@@ -91,7 +91,15 @@ def scores(
     return {k: result[k] for k in ("format", "world_b_exact", "cloze_b")}
 
 
-def evaluate(family: Path, limit: int) -> dict:
+HEADLINE = ("full R", "LoRA rank 8", "LoRA rank 16", "DARE 0.9", "trim to 50%", "base-v2 alone (no residual)")
+
+
+def evaluate(family: Path, limit: int, only: tuple[str, ...] | None = None) -> dict:
+    """Every variant's row on one family build (or only the named variants)."""
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     world = World.load(family)
     target = family / "base-v2"
     rows: list[dict] = []
@@ -118,30 +126,42 @@ def evaluate(family: Path, limit: int) -> dict:
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
 
         for alpha in (0.5, 0.75, 1.0, 1.25):
+            if not wanted(f"full R, α = {alpha:g}" if alpha != 1.0 else "full R"):
+                continue
             merged = apply_residuals(residuals, target, tmp / f"alpha-{alpha}", scale=alpha).path
             scaled = {k: v * alpha if v.dtype.is_floating_point else v for k, v in exact.items()}
             row(f"full R, α = {alpha:g}" if alpha != 1.0 else "full R", residuals, scaled, merged)
         for rank in (2, 4, 8, 16, 32):
+            if not wanted(f"LoRA rank {rank}"):
+                continue
             adapter = tmp / f"lora-{rank}"
             export_lora(residuals, adapter, rank=rank)
             row(f"LoRA rank {rank}", adapter, lora_delta(adapter), None, adapter)
-        adapter = tmp / "lora-energy"
-        export_lora(residuals, adapter, energy=0.9)
-        row("LoRA energy 0.9", adapter, lora_delta(adapter), None, adapter)
+        if wanted("LoRA energy 0.9"):
+            adapter = tmp / "lora-energy"
+            export_lora(residuals, adapter, energy=0.9)
+            row("LoRA energy 0.9", adapter, lora_delta(adapter), None, adapter)
         for rank in (8, 32):  # the choice for embeddings: what leaving them out costs
+            if not wanted(f"LoRA rank {rank}, projections only"):
+                continue
             adapter = tmp / f"lora-{rank}-projections"
             export_lora(residuals, adapter, rank=rank, embeddings=False)
             row(f"LoRA rank {rank}, projections only", adapter, lora_delta(adapter), None, adapter)
         for drop in (0.5, 0.9):
+            if not wanted(f"DARE {drop:g}"):
+                continue
             sparse = sparsify_residuals(residuals, tmp / f"dare-{drop}", dare=drop).path
             merged = apply_residuals(sparse, target, tmp / f"dare-{drop}-merged").path
             row(f"DARE {drop:g}", sparse, state(sparse), merged)
         for keep in (0.5, 0.2):
+            if not wanted(f"trim to {100 * keep:g}%"):
+                continue
             sparse = sparsify_residuals(residuals, tmp / f"trim-{keep}", trim=keep).path
             merged = apply_residuals(sparse, target, tmp / f"trim-{keep}-merged").path
             row(f"trim to {100 * keep:g}%", sparse, state(sparse), merged)
-        rows.append({"variant": "base-v2 alone (no residual)", "artifact_mb": 0.0, "zipped_mb": 0.0,
-                     "size_ratio": 0.0, "relative_error": 1.0, **scores(None, world, limit, base=target)})  # fmt: skip
+        if wanted("base-v2 alone (no residual)"):
+            rows.append({"variant": "base-v2 alone (no residual)", "artifact_mb": 0.0, "zipped_mb": 0.0,
+                         "size_ratio": 0.0, "relative_error": 1.0, **scores(None, world, limit, base=target)})  # fmt: skip
     return {"family": str(family.name), "limit": limit, "rows": rows}
 
 
@@ -159,6 +179,36 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(reports: list[dict]) -> list[dict]:
+    """The headline rows as mean ± sd over family builds (sample sd, n = number of builds)."""
+    rows = []
+    for variant in HEADLINE:
+        found = [next(r for r in report["rows"] if r["variant"] == variant) for report in reports]
+        row = {"variant": variant, "builds": len(found)}
+        for key in ("format", "world_b_exact", "cloze_b"):
+            values = [r[key] for r in found]
+            mean = sum(values) / len(values)
+            sd = (
+                math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                if len(values) > 1
+                else 0.0
+            )
+            row[key] = {"mean": mean, "sd": sd, "values": values}
+        rows.append(row)
+    return rows
+
+
+def headline_markdown(rows: list[dict]) -> str:
+    lines = ["| variant | format | world-B exact | cloze-B |", "|---|---:|---:|---:|"]
+    for r in rows:
+        cells = [
+            f"{100 * r[k]['mean']:.0f} ± {100 * r[k]['sd']:.0f}%"
+            for k in ("format", "world_b_exact", "cloze_b")
+        ]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,10 +216,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", type=Path, default=DEMO_FAMILY, help="the demo family's folder")
     parser.add_argument("--limit", type=int, default=120, help="questions per split (default 120)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    parser.add_argument(
+        "--seed-families", type=Path, nargs="*", default=[],
+        help="other builds of the family (scripts/build_demo_family.py --seed N): headline rows as mean ± sd",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     report = evaluate(args.family, args.limit)
-    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    if args.seed_families:
+        others = [evaluate(family, args.limit, only=HEADLINE) for family in args.seed_families]
+        report["headline"] = headline([report, *others])
+        report["seed_families"] = [str(f) for f in args.seed_families]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(markdown(report))
+        if "headline" in report:
+            print("\n" + headline_markdown(report["headline"]))
 
 
 if __name__ == "__main__":
