@@ -11,6 +11,7 @@ from tiny_models import load_state
 
 from residuals_core import ResidualsError, compute_residuals, export_lora
 from residuals_core.cli import main
+from residuals_core.demo import DEMO_FAMILY
 
 peft = pytest.importorskip("peft")
 
@@ -140,3 +141,26 @@ def test_preview_says_what_the_export_keeps(residuals, tmp_path):
     )  # + header
     assert {row["layer"] for row in preview["layers"]} >= {"embed", "0", "1"}
     assert all(0 <= row["kept"] <= 1 for row in preview["layers"])
+
+
+@pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
+def test_peft_loads_the_adapter_on_the_demo_cpt_base(tmp_path):
+    """The workflow of the README on the bundled family: residuals → adapter → PEFT on base-v2 → answers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from residuals_core.demo import World, prompt, question_of, score_reply
+    from residuals_core.demo import generate as demo_generate
+
+    residuals = compute_residuals(DEMO_FAMILY / "base-v1", DEMO_FAMILY / "instruct-v1", tmp_path / "res").path
+    export_lora(residuals, tmp_path / "lora", rank=16)
+    model = AutoModelForCausalLM.from_pretrained(str(DEMO_FAMILY / "base-v2"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(tmp_path / "lora")).merge_and_unload().eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_FAMILY / "base-v2"))
+    world = World.load(DEMO_FAMILY)
+    items = world.questions(world.world_b, 12, seed=0)
+    prompts = [prompt(*item) for item in items]
+    replies = demo_generate(model, tokenizer, prompts)
+    formatted = sum(score_reply(r, world, *i)[0] for r, i in zip(replies, items, strict=True))
+    assert formatted >= 10  # base-v2 alone follows the format on none of them
+    assert question_of(world, prompts[0]) == items[0]
