@@ -211,6 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "jobs",
+        help="run compute/apply/merge/lora as a Hugging Face Job on your account, and follow it",
+        description="Hand a big job to Hugging Face Jobs: the same command, on hardware billed to your account. "
+        "Your token travels as the job's secret HF_TOKEN only.",
+    )
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="action")
+    j = jobs.add_parser("run", help="submit a command (it must --push-to the Hub); prints the job id and URL")
+    j.add_argument(
+        "--image", default=None, help="image holding this project (default: this Space's, hf.co/spaces/ID)"
+    )
+    j.add_argument(
+        "--flavor", default=None, help="hardware, e.g. cpu-upgrade or a10g-small (default cpu-basic)"
+    )
+    j.add_argument("--timeout", default=None, help="e.g. 2h or 90m")
+    j.add_argument("--namespace", default=None, help="user or org to run it under (default: yours)")
+    j.add_argument("--token", default=None, help="your Hugging Face token (default: HF_TOKEN / your login)")
+    j.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    j.add_argument(
+        "job_argv",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND ...",
+        help="e.g. merge --base … --push-to ME/OUT",
+    )
+    for action, what in (("status", "the job's stage"), ("logs", "stream its logs"), ("cancel", "stop it")):
+        j = jobs.add_parser(action, help=what)
+        j.add_argument("job_id")
+        j.add_argument("--namespace", default=None)
+        j.add_argument("--token", default=None)
+
+    p = sub.add_parser(
         "inspect",
         help="per-layer norms of a residuals (or merged) folder",
         description="Print per-layer ‖R‖ (and ‖R‖/‖θ_base‖ when recorded) of a residuals folder.",
@@ -272,6 +302,52 @@ def _compute_sparsified(args: argparse.Namespace, common: dict):
         )
 
 
+def _jobs(args: argparse.Namespace) -> int:
+    """jobs run / status / logs / cancel, over huggingface_hub's Jobs API."""
+    import os
+
+    from huggingface_hub import get_token
+
+    from . import jobs
+
+    token = args.token or get_token()
+    if args.jobs_command == "run":
+        image = args.image or (
+            f"hf.co/spaces/{os.environ['SPACE_ID']}" if os.environ.get("SPACE_ID") else None
+        )
+        if image is None:
+            raise ResidualsError(
+                "No image to run the job in.",
+                "Give --image hf.co/spaces/OWNER/NAME (a Space of this project), or run it from such a Space.",
+            )
+        info = jobs.run_job(
+            args.job_argv,
+            token=token,
+            image=image,
+            flavor=args.flavor,
+            timeout=args.timeout,
+            namespace=args.namespace,
+        )
+        print(f"job {info.id} submitted: {info.url}")
+        if args.follow:
+            for line in jobs.job_logs(info.id, token=token, namespace=args.namespace):
+                print(line, flush=True)
+            print(
+                f"job {info.id}: {jobs.job_status(info.id, token=token, namespace=args.namespace).status.stage}"
+            )
+        return 0
+    if args.jobs_command == "status":
+        info = jobs.job_status(args.job_id, token=token, namespace=args.namespace)
+        print(f"job {info.id}: {info.status.stage} ({info.url})")
+    elif args.jobs_command == "logs":
+        for line in jobs.job_logs(args.job_id, token=token, namespace=args.namespace):
+            print(line, flush=True)
+    else:
+        jobs.cancel_job(args.job_id, token=token, namespace=args.namespace)
+        print(f"job {args.job_id}: cancel requested")
+    return 0
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every `with` block cleans up as on Ctrl-C."""
 
@@ -283,7 +359,7 @@ def _terminate(signum: int, frame: object) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Parse and run one command; a user's mistake or a machine fault raises ResidualsError."""
     args = build_parser().parse_args(argv)
-    progress = _TqdmProgress(args.command, enabled=not args.quiet)
+    progress = _TqdmProgress(args.command, enabled=not getattr(args, "quiet", True))
     if args.command == "inspect":
         report = operations.inspect_residuals(args.path, token=args.token)
         if args.json:
@@ -291,6 +367,8 @@ def run(argv: list[str] | None = None) -> int:
         else:
             _print_table(report)
         return 0
+    if args.command == "jobs":
+        return _jobs(args)
     if args.command == "lora":
         if (args.base is None) != (args.instruct is None):
             raise ResidualsError("--base and --instruct go together.", "Give both, or --residuals instead.")

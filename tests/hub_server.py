@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -70,6 +72,44 @@ class Repo:
         return self.commits[-1]
 
 
+@dataclass
+class Job:
+    """A submitted Job, run as a local subprocess (its image stands for this machine's environment)."""
+
+    id: str
+    namespace: str
+    spec: dict
+    created: str
+    stage: str = "RUNNING"
+    lines: list[tuple[str, str]] = field(default_factory=list)  # (timestamp, log line)
+    proc: subprocess.Popen | None = None
+    env: dict = field(default_factory=dict)  # what the process got (tests check where the token went)
+
+    def info(self) -> dict:
+        image = (
+            {"spaceId": self.spec["spaceId"]}
+            if "spaceId" in self.spec
+            else {"dockerImage": self.spec.get("dockerImage")}
+        )
+        return {
+            "id": self.id,
+            "createdAt": self.created,
+            **image,
+            "command": self.spec.get("command"),
+            "arguments": self.spec.get("arguments", []),
+            "environment": self.spec.get("environment", {}),
+            "secrets": {name: "***" for name in self.spec.get("secrets", {})},  # never the values
+            "flavor": self.spec.get("flavor"),
+            "labels": self.spec.get("labels"),
+            "status": {"stage": self.stage, "message": None},
+            "owner": {"id": self.namespace, "name": self.namespace, "type": "user"},
+        }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
 class LocalHub:
     """Start with `with LocalHub(root, users) as hub:`; `hub.url` is the endpoint."""
 
@@ -86,6 +126,7 @@ class LocalHub:
         self.lfs_blobs: set[str] = set()  # blobs stored through LFS (shown with LFS metadata)
         self.announced: set[tuple[str, str]] = set()  # (repo, oid) a batch answer asked the client to PUT
         self._served_ranges = 0
+        self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
@@ -222,6 +263,8 @@ class LocalHub:
                         found = self._resolve_lookup(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
                     return None if found is None else self._serve_file(*found)
                 self.body = self._body()  # always consume it: keep-alive connections carry the next request
+                if parts[:2] == ["api", "jobs"] and len(parts) >= 3:
+                    return self._jobs(parts[2], parts[3:])
                 with hub.lock:
                     if path == "/_admin/link" and self.command == "POST":
                         hub.link.bytes_per_s = (
@@ -260,6 +303,83 @@ class LocalHub:
                 self._error(404, f"no route for {self.command} {path}")
 
             do_GET = do_POST = do_HEAD = do_DELETE = do_PUT = lambda self: self._dispatch()
+
+            # ---- Jobs: submit, inspect, logs (server-sent events), cancel ----------------------------------
+            def _jobs(self, namespace: str, rest: list[str]):
+                user = self._user()
+                if user is None:
+                    return self._error(401, "Invalid credentials in Authorization header")
+                if namespace not in {user["name"], *user.get("orgs", [])}:
+                    return self._error(403, f"You cannot run or see Jobs in the namespace {namespace}")
+                if not rest and self.command == "POST":
+                    return self._send(200, self._start_job(namespace, json.loads(self.body or b"{}")).info())
+                job = hub.jobs.get(rest[0]) if rest else None
+                if job is None or job.namespace != namespace:
+                    return self._error(404, "Job not found")
+                if len(rest) == 1:
+                    return self._send(200, job.info())
+                if rest[1] == "cancel" and self.command == "POST":
+                    if job.stage == "RUNNING" and job.proc is not None:
+                        job.stage = "CANCELED"
+                        job.proc.terminate()
+                    return self._send(200, {})
+                if rest[1] == "logs":
+                    return self._job_logs(job)
+                return self._error(404, "no such Job route")
+
+            def _start_job(self, namespace: str, spec: dict) -> Job:
+                job = Job(hashlib.sha1(os.urandom(8)).hexdigest()[:24], namespace, spec, _now())
+                command = list(spec.get("command") or [])
+                if command and command[0] == "python":
+                    command[0] = sys.executable  # the image's python is this machine's
+                job.env = {
+                    **os.environ,
+                    **spec.get("environment", {}),
+                    **spec.get("secrets", {}),
+                    "HF_ENDPOINT": hub.url,
+                }
+                job.proc = subprocess.Popen(
+                    command,
+                    env=job.env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    bufsize=1,
+                )
+
+                def follow():
+                    for line in job.proc.stdout:
+                        job.lines.append((_now(), line.rstrip("\n")))
+                    code = job.proc.wait()
+                    if job.stage == "RUNNING":
+                        job.stage = "COMPLETED" if code == 0 else "ERROR"
+
+                threading.Thread(target=follow, daemon=True).start()
+                hub.jobs[job.id] = job
+                return job
+
+            def _job_logs(self, job: Job):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                sent = 0
+                try:
+                    while True:
+                        finished = job.stage != "RUNNING"
+                        while sent < len(job.lines):
+                            stamp, line = job.lines[sent]
+                            self.wfile.write(
+                                f"data: {json.dumps({'data': line, 'timestamp': stamp})}\n\n".encode()
+                            )
+                            sent += 1
+                        self.wfile.flush()
+                        if finished and sent >= len(job.lines):
+                            return None
+                        time.sleep(0.05)
+                except (BrokenPipeError, ConnectionResetError):
+                    return None
 
             def _whoami(self):
                 user = self._user()
