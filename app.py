@@ -661,6 +661,92 @@ def inspect(
     )
 
 
+# ---- Jobs: a job beyond the Space, on the visitor's own account -------------------------------------
+JOB_FLAVORS = ["cpu-basic", "cpu-upgrade", "t4-small", "a10g-small", "a10g-large"]
+JOB_STAGES_DONE = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
+
+
+def _job_image() -> str:
+    """The image a job runs in: this Space's own (it holds this project), or STUDIO_JOB_IMAGE."""
+    image = os.environ.get("STUDIO_JOB_IMAGE") or (
+        f"hf.co/spaces/{os.environ['SPACE_ID']}" if ON_SPACE else None
+    )
+    if image is None:
+        raise gr.Error("Jobs need an image of this app: run it as a Space, or set STUDIO_JOB_IMAGE.")
+    return image
+
+
+def _job_model(text: str, role: str, workspace: dict[str, Any]) -> str:
+    """A model a job can read: a Hub id or a demo model (the job's image has the demo family), not a
+    result that only this Space's disk holds."""
+    model = _model(text, role, workspace)
+    if model.startswith(HUB_PREFIX) or model.startswith(str(DEMO_FAMILY)) or not ON_SPACE:
+        return model.removeprefix(HUB_PREFIX)
+    raise gr.Error(
+        f"The {role} is a result on this Space's disk, which a Job cannot read: push it first, "
+        "or write it straight into your Hub repo."
+    )
+
+
+@ui_errors
+def run_as_job(
+    base: str,
+    instruct: str,
+    target: str,
+    scale: float,
+    dtype: str,
+    repo_name: str,
+    private: bool,
+    flavor: str,
+    jobs_seen: list | None = None,
+    token: str | None = None,
+    workspace: dict[str, Any] | None = None,
+    oauth_token: gr.OAuthToken | None = None,
+):
+    """Submit the one-pass merge as a Hugging Face Job under the visitor's account; the job id is kept in
+    the browser (not the token), so the page can follow it after a reload."""
+    from residuals_core import jobs
+
+    write_token = _write_token(token, oauth_token)  # refused here, before anything is submitted
+    scale = _check_scale(scale)
+    workspace = workspace or {}
+    argv = ["merge", "--base", _job_model(base, "base model", workspace),
+            "--instruct", _job_model(instruct, "instruct model", workspace),
+            "--target", _job_model(target, "target model", workspace),
+            "--scale", f"{scale:g}", "--push-to", _repo_name_given(repo_name), "--quiet"]  # fmt: skip
+    if dtype != "same as target":
+        argv += ["--dtype", dtype]
+    if private:
+        argv.append("--private")
+    info = jobs.run_job(argv, token=write_token, image=_job_image(), flavor=flavor or None)
+    seen = [*(jobs_seen or []), {"id": info.id, "url": info.url, "repo": _repo_name_given(repo_name)}]
+    return f"Job [{info.id}]({info.url}) submitted on your account. **Follow my job** shows its logs.", seen
+
+
+@ui_errors
+def follow_job(
+    jobs_seen: list | None = None, token: str | None = None, oauth_token: gr.OAuthToken | None = None
+):
+    """The latest job's stage and logs, live until it ends; then the pushed repo's link."""
+    from residuals_core import jobs
+
+    if not jobs_seen:
+        raise gr.Error("No job was submitted from this browser yet.")
+    job = jobs_seen[-1]
+    write_token = _write_token(token, oauth_token)
+    lines: list[str] = []
+    yield f"Job [{job['id']}]({job['url']}): starting…", ""
+    for line in jobs.job_logs(job["id"], token=write_token):
+        lines.append(line)
+        yield f"Job [{job['id']}]({job['url']}): running", "\n".join(lines[-40:])
+    stage = jobs.job_status(job["id"], token=write_token).status.stage
+    done = f"Job [{job['id']}]({job['url']}): **{stage}**"
+    if stage == "COMPLETED":
+        url = f"{hub_constants.ENDPOINT}/{job['repo']}"
+        done += f" — the result is at [{url}]({url})"
+    yield done, "\n".join(lines[-40:])
+
+
 # ---- Export smaller (LoRA) -------------------------------------------------------------------------------
 def _cut(mode: str, rank: float, energy: float) -> dict[str, Any]:
     return {"rank": int(rank), "energy": None} if mode == "rank" else {"rank": None, "energy": float(energy)}
@@ -984,6 +1070,7 @@ def push_box(label: str):
 def build() -> gr.Blocks:
     with gr.Blocks(title="Residuals Studio") as demo:
         workspace = gr.State(new_workspace, delete_callback=drop_workspace)
+        jobs_seen = gr.BrowserState([], storage_key="residuals-studio-jobs")  # job ids only, never a token
         gr.Markdown(INTRO)
         with gr.Row():
             if ON_SPACE or get_token():
@@ -1064,6 +1151,19 @@ def build() -> gr.Blocks:
                     m_target = gr.Textbox(
                         label="Target (CPT'd base)", value=POLICY.demo_name("base-v2"), min_width=WIDE
                     )
+                with gr.Accordion(
+                    "Too big for this Space? Run the merge as a Job on your account", open=False
+                ):
+                    gr.Markdown(
+                        "The same merge on Hugging Face hardware billed to your account; the result is pushed to "
+                        "the repo named under *Push merged model* below. Your login travels as the job's secret."
+                    )
+                    j_flavor = gr.Dropdown(JOB_FLAVORS, value="cpu-upgrade", label="Hardware")
+                    with gr.Row():
+                        j_run = gr.Button("Run as a Job on my account")
+                        j_follow = gr.Button("Follow my job")
+                    j_status = gr.Markdown("The job's link and stage will appear here.")
+                    j_logs = gr.Textbox(label="Job logs", lines=8, max_lines=20)
                 gr.Examples(
                     [list(example) for example in CROSS_VERSION_EXAMPLES],
                     inputs=[m_base, m_inst, m_target],
@@ -1239,6 +1339,25 @@ def build() -> gr.Blocks:
             export_smaller, x_inputs, [x_status, x_zip, workspace], api_name="export_lora", **heavy
         )
         x_push.click(push_lora, [x_repo, x_private, token, workspace], x_pstatus, api_name="push_lora")
+        j_run.click(
+            run_as_job,
+            [
+                m_base,
+                m_inst,
+                m_target,
+                scale,
+                out_dtype,
+                m_repo,
+                m_private,
+                j_flavor,
+                jobs_seen,
+                token,
+                workspace,
+            ],
+            [j_status, jobs_seen],
+            api_name="run_job",
+        )
+        j_follow.click(follow_job, [jobs_seen, token], [j_status, j_logs], api_name="follow_job")
         demo.unload(end_session)
     return demo
 

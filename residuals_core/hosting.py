@@ -184,6 +184,10 @@ def _duration(seconds: float) -> str:
 # other models, so those fixes are said that way instead.
 _VISITOR_FIXES = (
     (
+        re.compile(r"on your own machine with the command line"),
+        "Run it as a Job on your account (Apply tab → 'Too big for this Space?'), or choose smaller models.",
+    ),
+    (
         re.compile(r"HF_TOKEN|token=\.\.\."),
         "Sign in with Hugging Face (the button at the top) with an account that can read the model, then try again.",
     ),

@@ -79,11 +79,13 @@ def job_status(job_id: str, *, token: str | None, namespace: str | None = None) 
         return _api(token).inspect_job(job_id=job_id, namespace=namespace)
 
 
-def job_logs(job_id: str, *, token: str | None, namespace: str | None = None) -> Iterator[str]:
-    """The job's log lines as they come, until it ends."""
+def job_logs(
+    job_id: str, *, token: str | None, namespace: str | None = None, follow: bool = True
+) -> Iterator[str]:
+    """The job's log lines as they come, until it ends (`follow=False`: those logged so far)."""
     api = _api(token)
     with hub_errors(f"job {job_id}", None):
-        yield from api.fetch_job_logs(job_id=job_id, namespace=namespace)
+        yield from api.fetch_job_logs(job_id=job_id, namespace=namespace, follow=follow)
 
 
 def cancel_job(job_id: str, *, token: str | None, namespace: str | None = None) -> None:

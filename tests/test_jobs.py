@@ -123,3 +123,21 @@ def test_no_token_or_a_foreign_namespace_refused(hub, capsys, monkeypatch):
         == 2
     )
     assert "error:" in capsys.readouterr().err and len(hub.jobs) == count
+
+
+def test_the_app_follows_a_job_until_its_repo_appears(hub, families):
+    import app
+    from residuals_core import jobs
+
+    fam = families("llama")
+    repos = upload_family(fam, "follow")
+    argv = ["merge", "--base", repos["base"], "--instruct", repos["instruct"], "--target", repos["target"],
+            "--push-to", "alice/follow-merged"]  # fmt: skip
+    info = jobs.run_job(argv, token=ALICE, image=IMAGE)
+    updates = list(
+        app.follow_job([{"id": info.id, "url": info.url, "repo": "alice/follow-merged"}], ALICE, None)
+    )
+    status, logs = updates[-1]
+    assert "COMPLETED" in status and "alice/follow-merged" in status
+    assert "merged model written to" in logs
+    assert len(updates) > 2  # the logs came live, line by line

@@ -8,6 +8,7 @@ and is driven through gradio_client as visitors would drive it.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -333,4 +334,29 @@ def test_export_smaller_through_the_api(space, hub_server):
     assert "bob/demo-lora" in pushed
     files = {f.rfilename for f in HfApi(token="hf_bob_write").model_info("bob/demo-lora").siblings}
     assert "adapter_model.safetensors" in files
+    bob.close()
+
+
+@needs_family
+def test_a_merge_too_big_for_the_space_runs_as_a_job_on_the_visitors_account(space, hub_server):
+    url, _, _ = space
+    anonymous = client(url)
+    before = len(hub_server.jobs)
+    args = ("demo:base-v1", "demo:instruct-v1", "demo:base-v2", 1.0, "same as target", "space-job-merged", True,
+            "cpu-upgrade")  # fmt: skip
+    refused(lambda: anonymous.predict(*args, api_name="/run_job"), "not logged in")
+    assert len(hub_server.jobs) == before  # nothing submitted for a visitor who is not logged in
+    bob = client(url, oauth_token="hf_bob_write")
+    status = bob.predict(*args, api_name="/run_job")
+    job_id = re.search(r"Job \[(\w+)\]", status if isinstance(status, str) else status[0]).group(1)
+    job = hub_server.jobs[job_id]
+    assert job.namespace == "bob" and job.spec["spaceId"] == "studio-owner/residuals-studio"
+    assert job.spec["secrets"] == {"HF_TOKEN": "hf_bob_write"}
+    assert "hf_bob_write" not in json.dumps(job.spec["command"]) and SPACE_SECRET not in json.dumps(job.spec)
+    deadline = time.time() + 120
+    while job.stage == "RUNNING" and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.stage == "COMPLETED", "\n".join(line for _, line in job.lines)
+    assert "bob/space-job-merged" in hub_server.repos and hub_server.repos["bob/space-job-merged"].private
+    anonymous.close()
     bob.close()
