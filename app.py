@@ -57,6 +57,7 @@ QUEUE_SIZE = int(os.environ.get("STUDIO_QUEUE_SIZE", "16"))  # events waiting at
 MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
 POLICY = InputPolicy(on_space=ON_SPACE, demo_family=DEMO_FAMILY)
 LIMITS = HostLimits.from_environment(os.environ)
+JOB_OFFER_SECONDS = float(os.environ.get("STUDIO_JOB_OFFER_MINUTES", "10")) * 60  # beyond: suggest a Job
 # (base, instruct, target): one version's instruction residuals onto another version's base, same shapes
 CROSS_VERSION_EXAMPLES = (
     ("Qwen/Qwen2-0.5B", "Qwen/Qwen2-0.5B-Instruct", "Qwen/Qwen2.5-0.5B"),
@@ -279,6 +280,16 @@ def scratch_cache():
         yield folder
 
 
+def _job_hint(estimate: JobEstimate) -> str:
+    """Beyond what this Space should take on (STUDIO_JOB_OFFER_MINUTES), the way out: a Job on your account."""
+    if estimate.seconds <= JOB_OFFER_SECONDS:
+        return ""
+    return (
+        f"\n- ⏱ that is more than {JOB_OFFER_SECONDS / 60:.0f} min: consider **Run as a Job on my account** "
+        "(Apply tab, under the one-pass merge), which runs it on your own hardware and pushes the result."
+    )
+
+
 def cancel_job(workspace: dict[str, Any]) -> str:
     """Ask the session's running job to stop: it does so at its next tensor and removes what it wrote."""
     folder = workspace.get("dir")
@@ -398,6 +409,7 @@ def check_models(
         f"tokenizer {report['tokenizer_length']}; tied embeddings: {report['tie_word_embeddings']}\n"
         f"- size on disk: {sizes}\n- residuals will take **{_size(report['expected_output_bytes'])}** ({dtype})\n"
         f"- the job {estimate.describe()} (limit here: {LIMITS.max_seconds / 60:.0f} min)"
+        f"{_job_hint(estimate)}"
         f"{notes}\n\nNext: **Compute residuals**."
     )
 

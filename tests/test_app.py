@@ -205,3 +205,12 @@ def test_a_job_too_long_for_the_space_is_refused_with_the_numbers(families, work
     ):
         app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
     assert workspace["dir"] is None  # nothing was made for it
+
+
+def test_check_offers_a_job_beyond_what_the_space_should_take_on(families, monkeypatch):
+    fam = families("llama")
+    text = app.check_models(str(fam["base"]), str(fam["instruct"]), "float32", True, None)
+    assert "Run as a Job" not in text  # a small job: no offer
+    monkeypatch.setattr(app, "JOB_OFFER_SECONDS", 0.5)
+    text = app.check_models(str(fam["base"]), str(fam["instruct"]), "float32", True, None)
+    assert "Run as a Job on my account" in text
