@@ -45,7 +45,7 @@ from residuals_core.hosting import (
     visitor_fix,
     visitor_token,
 )
-from residuals_core.hub import HUB_PREFIX
+from residuals_core.hub import HUB_PREFIX, is_hub_id
 from residuals_core.lora import preview_lora
 from residuals_core.options import Options
 
@@ -398,7 +398,10 @@ def check_models(
             token=read_token,
             cache_dir=cache,
         )
-    estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
+    # the estimate from the headers just read, not from a second opening of the same models
+    inputs = [(size, is_hub_id(label)) for label, size in report["size_on_disk"].items()]
+    estimate = estimate_job(inputs, report["expected_output_bytes"], LIMITS)
+    refuse_if_too_long(estimate, LIMITS)
     sizes = ", ".join(f"`{k}` {_size(v)}" for k, v in report["size_on_disk"].items())
     notes = "".join(f"\n- note: {n}" for n in report["notes"])
     return (
@@ -436,8 +439,7 @@ def compute(
         _model(base, "base model", workspace),
         _model(instruct, "instruct model", workspace),
     )
-    read_token = _write_token(token, oauth_token) if direct else _token(token, oauth_token)
-    push = _repo_name_given(repo_name) if direct else None
+    push, read_token = _direct_push(direct, repo_name, private, token, oauth_token)
     estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
     _ensure_folders(workspace, request)
     with heavy_job(workspace, progress, "computing") as (cache, report):
@@ -445,7 +447,7 @@ def compute(
             base_model,
             instruct_model,
             None if push else _job_output(workspace, "residuals"),
-            push_to=push,
+            push_to=push[0] if push else None,
             private=private,
             dtype=dtype,
             normalize_embeddings=normalize,
@@ -530,9 +532,7 @@ def apply(
     request: gr.Request | None = None,
 ):
     scale = _check_scale(scale)
-    push = (_repo_name_given(repo_name), private) if direct else None
-    if direct:
-        token = _write_token(token, oauth_token)
+    push, read_token = _direct_push(direct, repo_name, private, token, oauth_token)
     residuals = _residuals_source(source, residuals_path, workspace)
     if not target.strip():
         raise gr.Error("Give the target model (your continued-pre-trained base): a Hub id or a demo model.")
@@ -543,7 +543,7 @@ def apply(
         target,
         scale,
         dtype,
-        token if direct else _token(token, oauth_token),
+        read_token,
         progress,
         "applying",
         f"`{html.escape(target.strip())}` + {scale:g}·R",
@@ -614,9 +614,7 @@ def merge(
     request: gr.Request | None = None,
 ):
     scale = _check_scale(scale)
-    push = (_repo_name_given(repo_name), private) if direct else None
-    if direct:
-        token = _write_token(token, oauth_token)
+    push, read_token = _direct_push(direct, repo_name, private, token, oauth_token)
     if not (base.strip() and instruct.strip() and target.strip()):
         raise gr.Error("Fill in base, instruct and target models for a one-pass merge.")
     return _into_merged(
@@ -626,7 +624,7 @@ def merge(
         target,
         scale,
         dtype,
-        token if direct else _token(token, oauth_token),
+        read_token,
         progress,
         "merging",
         "one pass",
@@ -1039,6 +1037,16 @@ def _repo_name_given(repo_name: str | None) -> str:
     if not name:
         raise gr.Error("Give the repository a name.")
     return name
+
+
+def _direct_push(
+    direct: bool, repo_name: str, private: bool, token: str | None, oauth_token: gr.OAuthToken | None
+) -> tuple[tuple[str, bool] | None, str | bool | None]:
+    """(push_to repo and private, token) for a job: written straight into the visitor's repo with their
+    write login, or (None, the read token) for the session's folder."""
+    if direct:
+        return (_repo_name_given(repo_name), private), _write_token(token, oauth_token)
+    return None, _token(token, oauth_token)
 
 
 def _streamed(result, workspace: dict[str, Any], kind: str) -> str:

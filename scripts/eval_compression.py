@@ -147,18 +147,14 @@ def evaluate(family: Path, limit: int, only: tuple[str, ...] | None = None) -> d
             adapter = tmp / f"lora-{rank}-projections"
             export_lora(residuals, adapter, rank=rank, embeddings=False)
             row(f"LoRA rank {rank}, projections only", adapter, lora_delta(adapter), None, adapter)
-        for drop in (0.5, 0.9):
-            if not wanted(f"DARE {drop:g}"):
+        sparse_variants = [(f"DARE {p:g}", f"dare-{p}", {"dare": p}) for p in (0.5, 0.9)]
+        sparse_variants += [(f"trim to {100 * k:g}%", f"trim-{k}", {"trim": k}) for k in (0.5, 0.2)]
+        for name, folder, how in sparse_variants:
+            if not wanted(name):
                 continue
-            sparse = sparsify_residuals(residuals, tmp / f"dare-{drop}", dare=drop).path
-            merged = apply_residuals(sparse, target, tmp / f"dare-{drop}-merged").path
-            row(f"DARE {drop:g}", sparse, state(sparse), merged)
-        for keep in (0.5, 0.2):
-            if not wanted(f"trim to {100 * keep:g}%"):
-                continue
-            sparse = sparsify_residuals(residuals, tmp / f"trim-{keep}", trim=keep).path
-            merged = apply_residuals(sparse, target, tmp / f"trim-{keep}-merged").path
-            row(f"trim to {100 * keep:g}%", sparse, state(sparse), merged)
+            sparse = sparsify_residuals(residuals, tmp / folder, **how).path
+            merged = apply_residuals(sparse, target, tmp / f"{folder}-merged").path
+            row(name, sparse, state(sparse), merged)
         if wanted("base-v2 alone (no residual)"):
             rows.append({"variant": "base-v2 alone (no residual)", "artifact_mb": 0.0, "zipped_mb": 0.0,
                          "size_ratio": 0.0, "relative_error": 1.0, **scores(None, world, limit, base=target)})  # fmt: skip

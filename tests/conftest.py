@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import subprocess
@@ -72,39 +73,48 @@ def hub(hub_server, tmp_path, monkeypatch):
     return hub_server
 
 
+@contextlib.contextmanager
+def _launched_app(env: dict[str, str], log_path: Path):
+    """`python app.py` with `env` (port and everything else), until it answers; yields its URL."""
+    port = int(env["GRADIO_SERVER_PORT"])
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"app exited: {log_path.read_text()}") from None
+                time.sleep(0.5)
+        else:
+            proc.kill()
+            raise RuntimeError(f"app did not start: {log_path.read_text()}")
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _app_env(**settings: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "GRADIO_SERVER_PORT": str(_free_port()),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "PYTHONPATH": str(ROOT),
+        **settings,
+    }
+
+
 @pytest.fixture(scope="session")
 def served_app(hub_server, tmp_path_factory):
-    port = _free_port()
-    root = ROOT
-    env = {
-        **os.environ,
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "HF_TOKEN": "hf_alice_write",
-        "HF_HUB_CACHE": str(tmp_path_factory.mktemp("app-cache")),
-        "PYTHONPATH": str(root),
-    }
-    log = open(tmp_path_factory.mktemp("app-log") / "app.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app exited: {Path(log.name).read_text()}") from None
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"app did not start: {Path(log.name).read_text()}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    env = _app_env(HF_TOKEN="hf_alice_write", HF_HUB_CACHE=str(tmp_path_factory.mktemp("app-cache")))
+    with _launched_app(env, tmp_path_factory.mktemp("app-log") / "app.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -114,40 +124,30 @@ def space(hub_server, tmp_path_factory):
     folders = {"tmp": root / "tmp", "gradio": root / "gradio", "hf": root / "hf"}
     for folder in folders.values():
         folder.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "SYSTEM": "spaces",
-        "SPACE_ID": "studio-owner/residuals-studio",
-        "HF_TOKEN": "hf_space_secret",
-        "OAUTH_CLIENT_ID": "fake-client-id",
-        "OAUTH_CLIENT_SECRET": "fake-client-secret",
-        "OAUTH_SCOPES": "openid profile read-repos write-repos",
-        "OPENID_PROVIDER_URL": "http://127.0.0.1:9",
-        "TMPDIR": str(folders["tmp"]),
-        "GRADIO_TEMP_DIR": str(folders["gradio"]),
-        "HF_HOME": str(folders["hf"]),
-        "HF_HUB_CACHE": str(folders["hf"] / "hub"),
-    }
-    log_path = root / "app.log"
-    log = open(log_path, "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    env = _app_env(
+        SYSTEM="spaces",
+        SPACE_ID="studio-owner/residuals-studio",
+        HF_TOKEN="hf_space_secret",
+        OAUTH_CLIENT_ID="fake-client-id",
+        OAUTH_CLIENT_SECRET="fake-client-secret",
+        OAUTH_SCOPES="openid profile read-repos write-repos",
+        OPENID_PROVIDER_URL="http://127.0.0.1:9",
+        TMPDIR=str(folders["tmp"]),
+        GRADIO_TEMP_DIR=str(folders["gradio"]),
+        HF_HOME=str(folders["hf"]),
+        HF_HUB_CACHE=str(folders["hf"] / "hub"),
     )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(log_path.read_text()) from None
-            time.sleep(0.5)
-    yield url, folders, log_path
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    log_path = root / "app.log"
+    with _launched_app(env, log_path) as url:
+        yield url, folders, log_path
+
+
+@pytest.fixture(scope="module")
+def llama_residuals(families, tmp_path_factory):
+    """The llama family and float32 residuals of it (instruct − base), computed once per module."""
+    from residuals_core import compute_residuals
+
+    fam = families("llama")
+    folder = tmp_path_factory.mktemp("residuals") / "residuals"
+    compute_residuals(fam["base"], fam["instruct"], folder)
+    return fam, folder

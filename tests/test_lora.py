@@ -16,14 +16,6 @@ from residuals_core.demo import DEMO_FAMILY
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def residuals(families, tmp_path_factory):
-    fam = families("llama")
-    folder = tmp_path_factory.mktemp("lora") / "residuals"
-    compute_residuals(fam["base"], fam["instruct"], folder)
-    return fam, folder
-
-
 def merged_with_peft(target, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -32,8 +24,8 @@ def merged_with_peft(target, adapter):
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
 
 
-def test_full_rank_adapter_merges_to_target_plus_residual(residuals, tmp_path):
-    fam, folder = residuals
+def test_full_rank_adapter_merges_to_target_plus_residual(llama_residuals, tmp_path):
+    fam, folder = llama_residuals
     result = export_lora(folder, tmp_path / "adapter", rank=10_000)  # capped at each matrix's full rank
     assert result.summary["relative_error"] < 1e-5
     merged = merged_with_peft(fam["target"], tmp_path / "adapter")
@@ -46,8 +38,8 @@ def test_full_rank_adapter_merges_to_target_plus_residual(residuals, tmp_path):
     assert untouched and all(torch.equal(merged[n], target[n]) for n in untouched)  # norms: left out
 
 
-def test_without_embeddings_only_the_projections(residuals, tmp_path):
-    fam, folder = residuals
+def test_without_embeddings_only_the_projections(llama_residuals, tmp_path):
+    fam, folder = llama_residuals
     result = export_lora(folder, tmp_path / "proj", rank=4, embeddings=False)
     adapted = {m["name"] for m in result.summary["matrices"]}
     assert len(adapted) == 14 and "model.embed_tokens.weight" in result.summary["left_out"]
@@ -57,8 +49,8 @@ def test_without_embeddings_only_the_projections(residuals, tmp_path):
     )
 
 
-def test_rank_r_error_is_the_truncated_svds(residuals, tmp_path):
-    _, folder = residuals
+def test_rank_r_error_is_the_truncated_svds(llama_residuals, tmp_path):
+    _, folder = llama_residuals
     result = export_lora(folder, tmp_path / "r2", rank=2)
     delta = load_state(folder)
     adapter = load_file(tmp_path / "r2" / "adapter_model.safetensors")
@@ -85,8 +77,8 @@ def test_rank_r_error_is_the_truncated_svds(residuals, tmp_path):
     assert "library_name: peft" in card and "Left out" in card
 
 
-def test_energy_picks_the_smallest_rank_per_matrix(residuals, tmp_path, families):
-    fam, folder = residuals
+def test_energy_picks_the_smallest_rank_per_matrix(llama_residuals, tmp_path, families):
+    fam, folder = llama_residuals
     result = export_lora(folder, tmp_path / "e", energy=0.5)
     assert all(m["energy_kept"] >= 0.5 for m in result.summary["matrices"])
     delta = load_state(folder)
@@ -97,8 +89,8 @@ def test_energy_picks_the_smallest_rank_per_matrix(residuals, tmp_path, families
     assert merged
 
 
-def test_straight_from_two_models_equals_from_residuals(residuals, tmp_path):
-    fam, folder = residuals
+def test_straight_from_two_models_equals_from_residuals(llama_residuals, tmp_path):
+    fam, folder = llama_residuals
     code = main(["lora", "--base", str(fam["base"]), "--instruct", str(fam["instruct"]), "--rank", "3",
                  "--out", str(tmp_path / "direct"), "--quiet"])  # fmt: skip
     assert code == 0
@@ -111,8 +103,8 @@ def test_straight_from_two_models_equals_from_residuals(residuals, tmp_path):
         assert torch.allclose(direct[b_key] @ direct[key], saved[b_key] @ saved[key], atol=1e-6)
 
 
-def test_bad_requests_refused(residuals, tmp_path):
-    _, folder = residuals
+def test_bad_requests_refused(llama_residuals, tmp_path):
+    _, folder = llama_residuals
     with pytest.raises(ResidualsError, match="either a rank or an energy"):
         export_lora(folder, tmp_path / "x")
     with pytest.raises(ResidualsError, match="not a share"):
@@ -123,11 +115,11 @@ def test_bad_requests_refused(residuals, tmp_path):
     assert main(["lora", "--base", str(folder), "--rank", "2", "--out", str(tmp_path / "y"), "--quiet"]) == 2
 
 
-def test_preview_says_what_the_export_keeps(residuals, tmp_path):
+def test_preview_says_what_the_export_keeps(llama_residuals, tmp_path):
     from residuals_core.lora import preview_lora
     from residuals_core.operations import open_residuals
 
-    _, folder = residuals
+    _, folder = llama_residuals
     checkpoint, _ = open_residuals(folder)
     with checkpoint:
         preview = preview_lora(checkpoint, rank=2)

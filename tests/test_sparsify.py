@@ -8,32 +8,24 @@ import pytest
 import torch
 from tiny_models import load_state
 
-from residuals_core import ResidualsError, compute_residuals
+from residuals_core import ResidualsError
 from residuals_core.cli import main
 from residuals_core.operations import sparsify_residuals
-
-
-@pytest.fixture(scope="module")
-def residuals(families, tmp_path_factory):
-    fam = families("llama")
-    folder = tmp_path_factory.mktemp("sparse") / "residuals"
-    compute_residuals(fam["base"], fam["instruct"], folder)
-    return fam, folder
 
 
 def floats(state: dict) -> dict:
     return {k: v for k, v in state.items() if v.dtype.is_floating_point}
 
 
-def test_dare_zero_is_the_identity(residuals, tmp_path):
-    _, folder = residuals
+def test_dare_zero_is_the_identity(llama_residuals, tmp_path):
+    _, folder = llama_residuals
     sparsify_residuals(folder, tmp_path / "same", dare=0.0)
     full, same = load_state(folder), load_state(tmp_path / "same")
     assert all(torch.equal(full[k], same[k]) for k in full)
 
 
-def test_dare_drops_p_and_rescales_and_is_reproducible(residuals, tmp_path):
-    _, folder = residuals
+def test_dare_drops_p_and_rescales_and_is_reproducible(llama_residuals, tmp_path):
+    _, folder = llama_residuals
     sparsify_residuals(folder, tmp_path / "a", dare=0.9, seed=7)
     sparsify_residuals(folder, tmp_path / "b", dare=0.9, seed=7, piece_bytes=4096)  # other pieces, same draw
     sparsify_residuals(folder, tmp_path / "c", dare=0.9, seed=8)
@@ -48,8 +40,8 @@ def test_dare_drops_p_and_rescales_and_is_reproducible(residuals, tmp_path):
         assert torch.allclose(value[survivors], full[name][survivors] / (1 - 0.9), rtol=1e-6)
 
 
-def test_trim_keeps_exactly_the_largest_magnitudes(residuals, tmp_path):
-    _, folder = residuals
+def test_trim_keeps_exactly_the_largest_magnitudes(llama_residuals, tmp_path):
+    _, folder = llama_residuals
     sparsify_residuals(folder, tmp_path / "t", trim=0.2)
     full, trimmed = floats(load_state(folder)), floats(load_state(tmp_path / "t"))
     for name, value in full.items():
@@ -62,12 +54,12 @@ def test_trim_keeps_exactly_the_largest_magnitudes(residuals, tmp_path):
     assert "20% largest magnitudes" in card
 
 
-def test_trimmed_folder_loads_in_residuals_032(residuals, tmp_path, monkeypatch):
+def test_trimmed_folder_loads_in_residuals_032(llama_residuals, tmp_path, monkeypatch):
     import tempfile
 
     import residuals as upstream
 
-    fam, _ = residuals
+    fam, _ = llama_residuals
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the exact residuals wait
@@ -79,8 +71,8 @@ def test_trimmed_folder_loads_in_residuals_032(residuals, tmp_path, monkeypatch)
     assert not list(scratch.iterdir())  # the exact residuals' temporary folder is gone
 
 
-def test_bad_values_refused(residuals, tmp_path):
-    _, folder = residuals
+def test_bad_values_refused(llama_residuals, tmp_path):
+    _, folder = llama_residuals
     with pytest.raises(ResidualsError, match=r"not in \[0, 1\)"):
         sparsify_residuals(folder, tmp_path / "x", dare=1.0)
     with pytest.raises(ResidualsError, match=r"not in \(0, 1\]"):
