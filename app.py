@@ -728,9 +728,24 @@ def run_as_job(
         argv += ["--dtype", dtype]
     if private:
         argv.append("--private")
-    info = jobs.run_job(argv, token=write_token, image=_job_image(), flavor=flavor or None)
+    if oauth_token is not None and "jobs" not in (oauth_token.scope or "jobs").split():
+        raise gr.Error(
+            "Your login did not grant this Space the right to run Jobs: log out and in again, "
+            "allowing 'Run Jobs' when Hugging Face asks."
+        )
+    info = jobs.run_job(
+        argv,
+        token=write_token,
+        image=_job_image(),
+        flavor=flavor or None,
+        token_expires_at=getattr(oauth_token, "expires_at", None) or None,  # 0: a token given through the API
+    )
     seen = [*(jobs_seen or []), {"id": info.id, "url": info.url, "repo": _repo_name_given(repo_name)}]
-    return f"Job [{info.id}]({info.url}) submitted on your account. **Follow my job** shows its logs.", seen
+    return (
+        f"Job [{info.id}]({info.url}) submitted on your account: it {info.plan.describe()}. "
+        "**Follow my job** shows its logs.",
+        seen,
+    )
 
 
 @ui_errors
@@ -746,11 +761,13 @@ def follow_job(
     write_token = _write_token(token, oauth_token)
     lines: list[str] = []
     yield f"Job [{job['id']}]({job['url']}): starting…", ""
-    for line in jobs.job_logs(job["id"], token=write_token):
+    for line in jobs.job_logs(job["url"], token=write_token):
         lines.append(line)
         yield f"Job [{job['id']}]({job['url']}): running", "\n".join(lines[-40:])
-    stage = jobs.job_status(job["id"], token=write_token).status.stage
-    done = f"Job [{job['id']}]({job['url']}): **{stage}**"
+    final = jobs.wait_for_job(job["url"], token=write_token)  # the log can end before the job does
+    stage = final.status.stage
+    message = f" ({final.status.message})" if final.status.message else ""
+    done = f"Job [{job['id']}]({job['url']}): **{stage}**{message}"
     if stage == "COMPLETED":
         url = f"{hub_constants.ENDPOINT}/{job['repo']}"
         done += f" — the result is at [{url}]({url})"
@@ -1087,6 +1104,15 @@ def push_box(label: str):
     return repo, private, button, status
 
 
+# What signing in lets the Space do, feature by feature (the scopes in README.md's hf_oauth_scopes).
+PERMISSIONS = (
+    "Signing in asks for: **read your repos** and **gated repos** (to read your private models and the "
+    "gated ones you accepted, such as Llama), **write** and **manage repos** (to create your result's repo "
+    "and push to it), and **run Jobs** (for *Run as a Job*, billed to your account). A login lasts 8 hours: "
+    "a Job that would outlast it is refused until you sign in again."
+)
+
+
 def build() -> gr.Blocks:
     with gr.Blocks(title="Residuals Studio") as demo:
         workspace = gr.State(new_workspace, delete_callback=drop_workspace)
@@ -1095,6 +1121,7 @@ def build() -> gr.Blocks:
         with gr.Row():
             if ON_SPACE or get_token():
                 gr.LoginButton()
+                gr.Markdown(PERMISSIONS)
             else:
                 gr.Markdown(
                     "Running locally without a Hub token: everything works offline; to push, paste a write "

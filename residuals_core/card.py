@@ -44,6 +44,48 @@ def _layer_table(summary: dict[str, Any] | None, limit: int = 64) -> str:
     return "\n".join(rows)
 
 
+def residuals_card_data(
+    *,
+    base: str | None,
+    instruct: str | None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: list[str] | None = None,
+    pipeline_tag: str | None = None,
+    relation: str | None = None,
+) -> ModelCardData:
+    return ModelCardData(
+        base_model=hub_id_or_none(base),
+        base_model_relation=relation or "adapter",
+        library_name="residuals",
+        pipeline_tag=pipeline_tag or "text-generation",
+        license=license,
+        language=language,
+        tags=sorted(set((tags or []) + ["residuals", "task-arithmetic"])),
+        instruct_model=instruct,
+    )
+
+
+def merged_card_data(
+    *, target: str | None, instruct: str | None, license: str | None, language: str | list[str] | None
+) -> ModelCardData:
+    lineage = [m for m in (hub_id_or_none(target), hub_id_or_none(instruct)) if m]
+    return ModelCardData(
+        base_model=lineage or None,
+        base_model_relation="merge" if lineage else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        language=language,
+        tags=["residuals", "task-arithmetic", "merge"],
+    )
+
+
+def metadata_block(data: ModelCardData) -> str:
+    """The part of a card the Hub validates (`validate-yaml`), known before any work is done."""
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
 def residuals_card(
     config: ResidualsConfig,
     *,
@@ -55,15 +97,14 @@ def residuals_card(
 ) -> ModelCard:
     base = config.base_model_name
     instruct = config.instruct_model_name
-    data = ModelCardData(
-        base_model=hub_id_or_none(base),
-        base_model_relation=config.base_model_relation or "adapter",
-        library_name="residuals",
-        pipeline_tag=config.pipeline_tag or "text-generation",
+    data = residuals_card_data(
+        base=base,
+        instruct=instruct,
         license=config.license,
         language=config.language,
-        tags=sorted(set((config.tags or []) + ["residuals", "task-arithmetic"])),
-        instruct_model=instruct,
+        tags=config.tags,
+        pipeline_tag=config.pipeline_tag,
+        relation=config.base_model_relation,
     )
     lineage = (
         f"`{instruct}` − `{base}`" if base and instruct else "an instruction-tuned model minus its base model"
@@ -148,16 +189,7 @@ def merged_card(
     language: str | list[str] | None = None,
     notes: list[str] | None = None,
 ) -> ModelCard:
-    lineage = [m for m in (hub_id_or_none(target), hub_id_or_none(instruct)) if m]
-    data = ModelCardData(
-        base_model=lineage or None,
-        base_model_relation="merge" if lineage else None,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license=license,
-        language=language,
-        tags=["residuals", "task-arithmetic", "merge"],
-    )
+    data = merged_card_data(target=target, instruct=instruct, license=license, language=language)
     body = f"""
 # {name}: `{target}` + {scale:g} × instruction residuals
 

@@ -224,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument(
         "--flavor", default=None, help="hardware, e.g. cpu-upgrade or a10g-small (default cpu-basic)"
     )
-    j.add_argument("--timeout", default=None, help="e.g. 2h or 90m")
+    j.add_argument(
+        "--timeout",
+        default=None,
+        help="e.g. 2h or 90m (default: twice the estimate from the inputs' sizes + 10 min; the Hub's own "
+        "default, 30 min, stops large merges)",
+    )
     j.add_argument("--namespace", default=None, help="user or org to run it under (default: yours)")
     j.add_argument("--token", default=None, help="your Hugging Face token (default: HF_TOKEN / your login)")
     j.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
@@ -236,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for action, what in (("status", "the job's stage"), ("logs", "stream its logs"), ("cancel", "stop it")):
         j = jobs.add_parser(action, help=what)
-        j.add_argument("job_id")
+        j.add_argument("job_id", help="the job's id, OWNER/ID, or the URL `jobs run` printed")
         j.add_argument("--namespace", default=None)
         j.add_argument("--token", default=None)
 
@@ -320,7 +325,7 @@ def _jobs(args: argparse.Namespace) -> int:
                 "No image to run the job in.",
                 "Give --image hf.co/spaces/OWNER/NAME (a Space of this project), or run it from such a Space.",
             )
-        info = jobs.run_job(
+        submitted = jobs.run_job(
             args.job_argv,
             token=token,
             image=image,
@@ -328,17 +333,19 @@ def _jobs(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             namespace=args.namespace,
         )
-        print(f"job {info.id} submitted: {info.url}")
-        if args.follow:
-            for line in jobs.job_logs(info.id, token=token, namespace=args.namespace):
-                print(line, flush=True)
-            print(
-                f"job {info.id}: {jobs.job_status(info.id, token=token, namespace=args.namespace).status.stage}"
-            )
-        return 0
+        print(f"job {submitted.id} submitted: {submitted.url}")
+        print(f"job {submitted.id}: {submitted.plan.describe()}")
+        if not args.follow:
+            return 0
+        for line in jobs.job_logs(submitted.url, token=token, namespace=args.namespace):
+            print(line, flush=True)
+        final = jobs.wait_for_job(submitted.url, token=token, namespace=args.namespace)
+        print(jobs.describe_end(final), flush=True)
+        return 0 if final.status.stage == "COMPLETED" else 1  # as `hf jobs`: a failed job fails the command
     if args.jobs_command == "status":
         info = jobs.job_status(args.job_id, token=token, namespace=args.namespace)
-        print(f"job {info.id}: {info.status.stage} ({info.url})")
+        message = f" — {info.status.message}" if info.status.message else ""
+        print(f"job {info.id}: {info.status.stage}{message} ({info.url})")
     elif args.jobs_command == "logs":
         for line in jobs.job_logs(args.job_id, token=token, namespace=args.namespace):
             print(line, flush=True)

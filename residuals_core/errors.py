@@ -24,6 +24,10 @@ class ResidualsError(ValueError):
         super().__init__(f"{problem} {fix}")
 
 
+class Cancelled(ResidualsError):
+    """The user stopped the run on purpose: what it made is removed, nothing is kept for a resume."""
+
+
 # ---- the one error path for faults of the machine (disk full, permissions, read-only disks) ----------
 _OS_FIXES = {
     errno.ENOSPC: (

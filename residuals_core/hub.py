@@ -8,10 +8,16 @@ then fails, so no empty repo is left.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from .checkpoint import (
     INDEX_NAME,
@@ -23,6 +29,12 @@ from .checkpoint import (
 )
 from .errors import ResidualsError
 from .sources import DEFAULT_READ_AHEAD_BYTES
+
+T = TypeVar("T")
+log = logging.getLogger("residuals_core")
+LARGE_FILE_BYTES = 1024 * 1024  # a pushed folder's files this large are uploaded as they are, not copied
+RATE_LIMIT_RETRIES = 6  # waits for a rate limit to reset before a call gives up
+MAX_RATE_LIMIT_WAIT_S = 330  # the Hub's windows are 5 minutes
 
 HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 META_PATTERNS = [
@@ -71,6 +83,67 @@ def _check_local_name(name: str) -> None:
         )
 
 
+def rate_limit_wait(response) -> tuple[float, str] | None:
+    """(seconds until the limit resets, which limit) for a 429 answer, from its RateLimit / Retry-After."""
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    if response is None or response.status_code != 429:
+        return None
+    info = parse_ratelimit_headers(response.headers)
+    if info is not None:
+        return float(info.reset_in_seconds), info.resource_type
+    retry_after = (response.headers.get("Retry-After") or "").strip()
+    return (float(retry_after) if retry_after.isdigit() else 10.0), "requests"
+
+
+def say_wait(seconds: float, what: str, attempt: int, attempts: int) -> None:
+    """Tell the user why nothing moves (the CLI prints these warnings; the Space shows them)."""
+    log.warning(
+        "The Hub is rate-limiting %s (its '%s' limit): waiting %.0f s before trying again (%d of %d).",
+        "this run",
+        what,
+        seconds,
+        attempt,
+        attempts,
+    )
+
+
+def with_rate_limits(call: Callable[[], T], *, attempts: int = RATE_LIMIT_RETRIES) -> T:
+    """Run a Hub API call, waiting out 429 answers as the Hub asks (said in progress) a few times."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except HfHubHTTPError as exc:
+            wait = rate_limit_wait(exc.response)
+            if wait is None or attempt == attempts:
+                raise
+            seconds = min(wait[0] + 1, MAX_RATE_LIMIT_WAIT_S)
+            say_wait(seconds, wait[1], attempt, attempts)
+            time.sleep(seconds)
+    raise AssertionError("unreachable")
+
+
+_WHOAMI: dict[tuple[str, str], dict] = {}
+_WHOAMI_LOCK = threading.Lock()
+
+
+def whoami(api) -> dict:
+    """The token's user and orgs, asked once per token and endpoint: the Hub rate-limits whoami hard."""
+    from huggingface_hub.utils import get_token
+
+    token = api.token if isinstance(api.token, str) else get_token() if api.token is not False else None
+    key = (api.endpoint, token or "")
+    with _WHOAMI_LOCK:
+        if key in _WHOAMI:
+            return _WHOAMI[key]
+    who = with_rate_limits(api.whoami)
+    with _WHOAMI_LOCK:
+        _WHOAMI[key] = who
+    return who
+
+
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None):
     """Turn huggingface_hub's exceptions into messages that say what to do."""
@@ -109,14 +182,11 @@ def hub_errors(repo_id: str, revision: str | None):
             f"{repo_id}: a file it lists could not be found ({exc}).", "Try again later."
         ) from exc
     except HfHubHTTPError as exc:
-        raise ResidualsError(
-            f"The Hub refused a request for {repo_id}: {exc}", "Check the id and your token."
-        ) from exc
+        raise hub_refusal(exc, repo_id) from exc
     except Exception as exc:
-        if isinstance(exc, ResidualsError) or not (
-            isinstance(exc, OSError)
-            or type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
-        ):
+        from huggingface_hub.utils import httpx
+
+        if isinstance(exc, ResidualsError) or not isinstance(exc, (OSError, httpx.TransportError)):
             raise
         from huggingface_hub import constants
 
@@ -124,6 +194,32 @@ def hub_errors(repo_id: str, revision: str | None):
             f"Could not reach the Hub at {constants.ENDPOINT} for {repo_id} ({type(exc).__name__}: {exc}).",
             "Check your network connection (or HF_ENDPOINT), or give a local folder.",
         ) from exc
+
+
+def hub_refusal(exc, repo_id: str) -> ResidualsError:
+    """A refused Hub request in words that match its cause: rate limit, quota, scope, or the rest."""
+    response = getattr(exc, "response", None)
+    status = response.status_code if response is not None else None
+    text = str(exc)
+    wait = rate_limit_wait(response)
+    if wait is not None:
+        return ResidualsError(
+            f"The Hub kept rate-limiting requests for {repo_id} (its '{wait[1]}' limit; it resets in about "
+            f"{wait[0]:.0f} s) after {RATE_LIMIT_RETRIES} waits.",
+            "Wait a few minutes and run again; requests made with a token (logged in) get higher limits.",
+        )
+    if status == 403 and "storage" in text.lower() and ("limit" in text.lower() or "quota" in text.lower()):
+        return ResidualsError(
+            f"The Hub refused to store more in {repo_id}: your private storage quota is full ({text.strip()}).",
+            "Free private storage (delete or make public older repos), upgrade your plan, or push without "
+            "--private.",
+        )
+    if status == 403 and "scope" in text.lower():
+        return ResidualsError(
+            f"Your token may not do this for {repo_id}: {text.strip()}",
+            "Log in again granting that permission, or use a token that has it.",
+        )
+    return ResidualsError(f"The Hub refused a request for {repo_id}: {exc}", "Check the id and your token.")
 
 
 def open_hub_model(
@@ -146,7 +242,7 @@ def open_hub_model(
     repo_id = repo_id.removeprefix("hf://")
     api = HfApi(token=token)
     with hub_errors(repo_id, revision):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        info = with_rate_limits(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
         commit = info.sha
         folder = Path(
             snapshot_download(
@@ -217,8 +313,10 @@ def writable_repo_id(api, repo_id: str) -> str:
 
     with hub_errors(repo_id, None):
         try:
-            who = api.whoami()
+            who = whoami(api)
         except HfHubHTTPError as exc:
+            if rate_limit_wait(exc.response) is not None:
+                raise
             raise ResidualsError(
                 "The Hub did not accept the token (whoami failed).",
                 "Log in again or pass a valid write token (token=... / HF_TOKEN).",
@@ -235,7 +333,7 @@ def writable_repo_id(api, repo_id: str) -> str:
             f"{repo_id!r} is not a valid repo id ({exc}).", "Use a name like 'you/my-model'."
         ) from None
     namespace = repo_id.split("/", 1)[0]
-    if namespace not in writable:
+    if namespace.lower() not in {n.lower() for n in writable if n}:  # namespaces are case-insensitive
         raise ResidualsError(
             f"Your token (user {who.get('name')!r}) cannot write to the namespace {namespace!r}.",
             f"Push to one of: {', '.join(sorted(n for n in writable if n))}.",
@@ -255,39 +353,48 @@ def push_folder(
 ) -> str:
     """Create (if needed) and upload a folder to a model repo the token can write; return its URL.
 
-    One commit holds every file (large ones go through the library's LFS/Xet path); `readme`
+    The same sink as a streamed result: large files go up as they come (Xet or LFS), one commit
+    holds every file, the card is validated first, and a failed push can be resumed. `readme`
     replaces the folder's README.md in that commit (a card written for the repo's name).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    repo_id = writable_repo_id(api, repo_id)
-    existed = api.repo_exists(repo_id)
-    if existed and not exist_ok:
-        raise ResidualsError(f"{repo_id} already exists.", "Choose another name or pass exist_ok=True.")
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    try:
-        folder = Path(folder)
-        operations = [
-            CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-            for p in sorted(folder.rglob("*"))
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-            and not (readme is not None and p.relative_to(folder).as_posix() == "README.md")
-        ]
+    from .options import Options
+    from .sinks import HubRepoSink
+
+    folder = Path(folder)
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    card_text = readme
+    if card_text is None and (folder / "README.md").is_file():
+        card_text = (folder / "README.md").read_text()
+    metadata = card_text if card_text is not None and card_text.startswith("---") else None
+    if not exist_ok:
+        api = HfApi(token=token)
+        full_id = writable_repo_id(api, repo_id)
+        with hub_errors(full_id, None):
+            if with_rate_limits(lambda: api.repo_exists(full_id)):
+                raise ResidualsError(
+                    f"{full_id} already exists.", "Choose another name or pass exist_ok=True."
+                )
+    with HubRepoSink(
+        repo_id,
+        Options(token=token, private=private),
+        commit_message=commit_message,
+        card_metadata=metadata,
+    ) as sink:
+        for path in files:
+            name = path.relative_to(folder).as_posix()
+            if readme is not None and name == "README.md":
+                continue
+            if path.stat().st_size >= LARGE_FILE_BYTES:
+                sink.add_file(path, name)  # uploaded from where it is, never copied
+            else:
+                (sink.path / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, sink.path / name)
         if readme is not None:
-            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode()))
-        api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
-    except Exception as exc:
-        if not existed:
-            try:
-                api.delete_repo(repo_id)
-                cleanup = f"The empty repo {repo_id} created by this push was deleted."
-            except Exception:
-                cleanup = f"The repo {repo_id} was created but could not be deleted; delete it on the Hub."
-        else:
-            cleanup = f"The existing repo {repo_id} was left as it was."
-        raise ResidualsError(
-            f"Uploading to {repo_id} failed ({type(exc).__name__}: {exc}). {cleanup}", "Try the push again."
-        ) from exc
-    return str(url)
+            (sink.path / "README.md").write_text(readme)
+    return sink.location

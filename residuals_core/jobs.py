@@ -10,14 +10,121 @@ labels, which the Hub shows to anyone who can see the job.
 
 from __future__ import annotations
 
+import math
+import re
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ResidualsError
-from .hub import hub_errors
+from .hub import hub_errors, is_hub_id, with_rate_limits
 
 JOB_COMMANDS = ("compute", "apply", "merge", "lora")
 JOB_LABELS = {"created-by": "residuals-studio"}
+JOB_MODEL_FLAGS = ("--base", "--instruct", "--target", "--residuals")
+# A job's link, read and upload alike: a conservative rate, so a job is not stopped before it ends.
+JOB_LINK_BYTES_PER_S = 100e6
+JOB_START_S = 3 * 60  # pulling the image, starting Python
+TIMEOUT_FACTOR, TIMEOUT_MARGIN_S = 2.0, 10 * 60  # timeout = 2 x the estimate + 10 min ...
+MAX_TIMEOUT_S = 48 * 3600  # ... at most two days
+FINAL_STAGES = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
+_JOB_URL = re.compile(r"^(?:https?://[^/]+)?/?(?:jobs/)?(?:(?P<owner>[\w.\-]+)/)?(?P<id>[0-9a-zA-Z]+)/?$")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """How long a job should take (from the inputs' sizes on the Hub) and the timeout it gets."""
+
+    read_bytes: int
+    write_bytes: int
+    estimate_s: float
+    timeout_s: int
+    timeout_given: bool
+
+    def describe(self) -> str:
+        why = (
+            "as given"
+            if self.timeout_given
+            else f"{TIMEOUT_FACTOR:g} x the estimate + {TIMEOUT_MARGIN_S // 60} min; --timeout to change it"
+        )
+        return (
+            f"reads {self.read_bytes / 1e9:.2f} GB, writes about {self.write_bytes / 1e9:.2f} GB: about "
+            f"{duration(self.estimate_s)} at {JOB_LINK_BYTES_PER_S / 1e6:.0f} MB/s; timeout "
+            f"{duration(self.timeout_s)} ({why})"
+        )
+
+
+@dataclass(frozen=True)
+class SubmittedJob:
+    id: str
+    url: str
+    plan: JobPlan
+
+
+def duration(seconds: float) -> str:
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def parse_timeout(text: str | int | float) -> int:
+    """'90m', '2h', '3600' or seconds, as the Hub reads a job's timeout."""
+    value = str(text).strip().lower()
+    factor = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(value[-1:])
+    number = value[:-1] if factor else value
+    try:
+        seconds = float(number) * (factor or 1)
+    except ValueError:
+        seconds = -1
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ResidualsError(
+            f"--timeout {text!r} is not a duration.", "Give it like 90m, 2h or 3600 (seconds)."
+        )
+    return int(seconds)
+
+
+def parse_job_ref(text: str) -> tuple[str | None, str]:
+    """(namespace, id) from an id, 'owner/id', or the job's URL as `jobs run` prints it."""
+    match = _JOB_URL.match(text.strip())
+    if match is None:
+        raise ResidualsError(
+            f"{text!r} is not a job id.", "Give the id, OWNER/ID, or the URL that `jobs run` printed."
+        )
+    return match.group("owner"), match.group("id")
+
+
+def _model_bytes(name: str, token: str | None) -> int:
+    """Bytes of a model's weight files: from the Hub's file listing, or a local folder (a demo model)."""
+    from huggingface_hub import HfApi
+
+    if not is_hub_id(name):
+        folder = Path(name).expanduser()
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+    repo_id = name.removeprefix("hf://")
+    api = HfApi(token=token)
+    with hub_errors(repo_id, None):
+        info = with_rate_limits(lambda: api.model_info(repo_id, files_metadata=True))
+    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+
+
+def plan_job(argv: list[str], *, token: str | None, timeout: str | int | None = None) -> JobPlan:
+    """Estimate a job from its inputs' sizes and give it a timeout that outlasts it: the Hub's default
+    (30 minutes) would stop a 70B merge half-way."""
+    sizes = {
+        flag: _model_bytes(argv[i + 1], token)
+        for i, flag in enumerate(argv[:-1])
+        if flag in JOB_MODEL_FLAGS and argv[i + 1] not in JOB_MODEL_FLAGS
+    }
+    read = sum(sizes.values())
+    written = sizes.get("--target") or sizes.get("--instruct") or max(sizes.values(), default=0)
+    estimate = JOB_START_S + (read + written) / JOB_LINK_BYTES_PER_S
+    if timeout is not None:
+        seconds, given = parse_timeout(timeout), True
+    else:
+        seconds = int(min(MAX_TIMEOUT_S, TIMEOUT_FACTOR * estimate + TIMEOUT_MARGIN_S))
+        given = False
+    return JobPlan(read, written, estimate, seconds, given)
 
 
 def _api(token: str | None):
@@ -56,38 +163,74 @@ def run_job(
     token: str | None,
     image: str,
     flavor: str | None = None,
-    timeout: str | None = None,
+    timeout: str | int | None = None,
     namespace: str | None = None,
-) -> Any:
-    """Submit `python -m residuals_core <argv>` as a Job; returns huggingface_hub's JobInfo (id, url)."""
+    token_expires_at: float | None = None,
+) -> SubmittedJob:
+    """Submit `python -m residuals_core <argv>` as a Job with a timeout that outlasts its estimate.
+
+    `token_expires_at` (an OAuth login's expiry, epoch seconds): a job that would outlive the token
+    is refused, since it pushes its result with that token at the very end.
+    """
     check_job_command(argv)
     api = _api(token)
+    plan = plan_job(argv, token=token, timeout=timeout)
+    if token_expires_at is not None and time.time() + plan.estimate_s > token_expires_at:
+        left = max(0.0, token_expires_at - time.time())
+        raise ResidualsError(
+            f"This job takes about {duration(plan.estimate_s)}, but your login expires in {duration(left)}: "
+            "the job would lose the right to push its result before it ends.",
+            "Log out and in again (a fresh login lasts 8 hours), then submit it; or choose smaller models.",
+        )
     with hub_errors(namespace or "your account", None):
-        return api.run_job(
+        info = api.run_job(
             image=image,
             command=["python", "-m", "residuals_core", *argv],
             secrets={"HF_TOKEN": token},
             flavor=flavor,
-            timeout=timeout,
+            timeout=plan.timeout_s,
             labels=dict(JOB_LABELS),
             namespace=namespace,
         )
+    return SubmittedJob(info.id, info.url, plan)
 
 
 def job_status(job_id: str, *, token: str | None, namespace: str | None = None) -> Any:
+    owner, job_id = parse_job_ref(job_id)
     with hub_errors(f"job {job_id}", None):
-        return _api(token).inspect_job(job_id=job_id, namespace=namespace)
+        return _api(token).inspect_job(job_id=job_id, namespace=namespace or owner)
 
 
 def job_logs(
     job_id: str, *, token: str | None, namespace: str | None = None, follow: bool = True
 ) -> Iterator[str]:
-    """The job's log lines as they come, until it ends (`follow=False`: those logged so far)."""
+    """The job's log lines as they come (`follow=False`: those logged so far). The stream can end before
+    the job does: `wait_for_job` then gives its final stage."""
+    owner, job_id = parse_job_ref(job_id)
     api = _api(token)
     with hub_errors(f"job {job_id}", None):
-        yield from api.fetch_job_logs(job_id=job_id, namespace=namespace, follow=follow)
+        yield from api.fetch_job_logs(job_id=job_id, namespace=namespace or owner, follow=follow)
+
+
+def wait_for_job(job_id: str, *, token: str | None, namespace: str | None = None, poll_s: float = 1.0) -> Any:
+    """The job's JobInfo once its stage is final (COMPLETED, ERROR, CANCELED or DELETED)."""
+    owner, job_id = parse_job_ref(job_id)
+    api = _api(token)
+    with hub_errors(f"job {job_id}", None):
+        return api.wait_for_job(job_id, namespace=namespace or owner, poll_interval=poll_s)
+
+
+def describe_end(info: Any) -> str:
+    """The final stage in words, with the Hub's message (e.g. 'Job timeout')."""
+    stage = info.status.stage
+    message = f": {info.status.message}" if info.status.message else ""
+    hint = ""
+    if stage == "ERROR" and "timeout" in (info.status.message or "").lower():
+        hint = " — it ran past its timeout; submit it again with a longer --timeout"
+    return f"job {info.id} ended {stage}{message}{hint}"
 
 
 def cancel_job(job_id: str, *, token: str | None, namespace: str | None = None) -> None:
+    owner, job_id = parse_job_ref(job_id)
     with hub_errors(f"job {job_id}", None):
-        _api(token).cancel_job(job_id=job_id, namespace=namespace)
+        _api(token).cancel_job(job_id=job_id, namespace=namespace or owner)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import arithmetic, hub, stats
+from . import arithmetic, card, hub, stats
 from .artifacts import (
     Result,
     TokenizerChoice,
@@ -256,13 +256,16 @@ def _ready_sink(
     options: Options,
     small_files_from: list[Path],
     inputs: list[TensorSource],
+    card_data: Any = None,
 ) -> Sink:
     """The run's sink, after checking (before any work) that its local disk holds what it needs.
 
     `small_files_from`: folders whose tokenizer the result may copy (their size counts too);
-    `inputs`: what the output must never touch.
+    `inputs`: what the output must never touch; `card_data`: the card's metadata, checked by the
+    Hub before anything is uploaded.
     """
-    sink = open_sink(out_dir, options, inputs=inputs)
+    metadata = card.metadata_block(card_data) if card_data is not None else None
+    sink = open_sink(out_dir, options, inputs=inputs, card_metadata=metadata)
     small = max((sum(p.stat().st_size for p in tokenizer_files(f)) for f in small_files_from), default=0)
     check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_bytes), small)
     return sink
@@ -315,7 +318,16 @@ def compute_residuals(
             tokenizer_length=tokenizer.length,
             tokenizer_label=f"the tokenizer of {tokenizer.name}",
         )
-        with _ready_sink(out_dir, plan, options, [inst_ck.folder], [base_ck, inst_ck]) as sink:
+        card_data = card.residuals_card_data(
+            base=public_name(base_ck.label),
+            instruct=public_name(inst_ck.label),
+            license=license if license is not None else config.license if config else None,
+            language=language if language is not None else config.language if config else None,
+            tags=tags if tags is not None else config.tags if config else None,
+        )
+        with _ready_sink(
+            out_dir, plan, options, [inst_ck.folder], [base_ck, inst_ck], card_data=card_data
+        ) as sink:
             weights, tensor_stats = stream_into(
                 sink,
                 plan,
@@ -498,7 +510,15 @@ def _merge_into(
     tokenizer_folders: list[Path],
     before_publish: Callable[[], None] | None = None,
 ) -> Result:
-    with _ready_sink(out_dir, plan, options, [target.folder, *tokenizer_folders], inputs) as sink:
+    card_data = card.merged_card_data(
+        target=public_name(lineage["target"]),
+        instruct=public_name(lineage["instruct"]),
+        license=license,
+        language=language,
+    )
+    with _ready_sink(
+        out_dir, plan, options, [target.folder, *tokenizer_folders], inputs, card_data=card_data
+    ) as sink:
         weights, tensor_stats = stream_into(sink, plan, combine, options, inputs=inputs, reference_operand=0)
         result = write_model_files(
             sink.path,

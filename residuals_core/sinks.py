@@ -21,11 +21,12 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import ResidualsError, from_os_error
+from .errors import Cancelled, ResidualsError, from_os_error
 from .options import Options, work_dir
 
 UPLOAD_SLOTS = 2  # shards on local disk at once with a Hub sink (being written or uploading)
@@ -60,11 +61,13 @@ def open_sink(
     options: Options,
     *,
     inputs: list[Any] = (),
+    card_metadata: str | None = None,
 ) -> Sink:
     """The sink for a run: the Hub repo `options.push_to`, else the folder `out_dir`.
 
     `inputs` are the run's sources (checkpoints): the output may never be, hold or lie inside
-    one of their folders, nor be one of their Hub repos.
+    one of their folders, nor be one of their Hub repos. `card_metadata`: the card's YAML block,
+    which a Hub sink has validated before it uploads anything.
     """
     folders = [Path(s.folder) for s in inputs if getattr(s, "folder", None) is not None]
     if options.push_to is not None:
@@ -74,7 +77,7 @@ def open_sink(
                 "Give one: --out for a local folder, or --push-to for a Hub repo.",
             )
         repos = [s.label for s in inputs if getattr(s, "remote", False)]
-        return HubRepoSink(options.push_to, options, inputs=repos)
+        return HubRepoSink(options.push_to, options, inputs=repos, card_metadata=card_metadata)
     if out_dir is None:
         raise ResidualsError(
             "No output was given.",
@@ -337,8 +340,26 @@ def _remove_stale_partials(dest: Path) -> None:
 
 
 # ---- a Hub repo --------------------------------------------------------------------------------------
+COMMIT_ATTEMPTS = 3  # a commit whose outcome is unknown (timeout, 5xx) is looked for, then tried again
+COMMIT_RETRY_WAIT_S = 2.0
+UNKNOWN_OUTCOME = (408, 500, 502, 503, 504)
+
+
+def same_repo(a: str, b: str) -> bool:
+    """Hub repo ids are case-insensitive: `alice/MyModel` and `alice/mymodel` are one repo."""
+    return a.removeprefix("hf://").lower() == b.removeprefix("hf://").lower()
+
+
 class HubRepoSink(Sink):
-    """Stream a result into a Hub model repo: shards uploaded as they finish, one commit at the end."""
+    """Stream a result into a Hub model repo: shards uploaded as they finish, one commit at the end.
+
+    The real Hub's ways are handled here: the card's metadata is validated before the first byte
+    goes up; a shard the Hub wants in "regular" mode stays on disk until the commit reads it; a
+    commit that fails is looked for on the Hub before anything is cleaned up (a timed-out commit may
+    have landed) and tried again when its outcome is unknown; and a failed run keeps what it uploaded
+    so that running it again resumes (Xet or LFS skip the bytes the Hub already holds). Only a run
+    stopped on purpose, or one that failed before uploading anything, deletes a repo it created.
+    """
 
     def __init__(
         self,
@@ -347,19 +368,23 @@ class HubRepoSink(Sink):
         *,
         commit_message: str = "Upload with Residuals Studio",
         inputs: list[str] = (),
+        card_metadata: str | None = None,
     ):
         self.requested = repo_id
         self.inputs = [name.removeprefix("hf://") for name in inputs]
         self.options = options
         self.commit_message = commit_message
+        self.card_metadata = card_metadata
         self.repo_id = repo_id
         self.location = repo_id
         self.path = Path()  # set on enter
+        self.run_marker = f"residuals-run: {uuid.uuid4().hex}"  # finds this run's commit on the Hub
+        self.uploaded = 0  # weight files the Hub holds for this run (resumable)
         self._api = None
         self._created = False
         self._operations: list = []
         self._slots = threading.Semaphore(UPLOAD_SLOTS)
-        self._queue: queue.Queue[tuple[Path, str] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Path, str, str | None, bool] | None] = queue.Queue()
         self._failure: BaseException | None = None
         self._threads: list[threading.Thread] = []
 
@@ -369,27 +394,47 @@ class HubRepoSink(Sink):
 
     def __enter__(self) -> HubRepoSink:
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
 
-        from .hub import hub_errors, writable_repo_id
+        from .hub import hub_errors, with_rate_limits, writable_repo_id
 
         self._api = HfApi(token=self.options.token)
         self.repo_id = writable_repo_id(self._api, self.requested)
-        if self.repo_id in self.inputs:
+        if any(same_repo(self.repo_id, name) for name in self.inputs):
             raise ResidualsError(
-                f"--push-to {self.repo_id} is one of this run's inputs: the result would replace its files.",
+                f"--push-to {self.repo_id} is one of this run's inputs (repo ids are case-insensitive): "
+                "the result would replace its files.",
                 "Push to a new repo (e.g. add -merged to the name).",
             )
+        self._check_card()
         with hub_errors(self.repo_id, None):
-            existed = self._api.repo_exists(self.repo_id)
-            url = self._api.create_repo(self.repo_id, private=self.options.private, exist_ok=True)
-        self._created = not existed
+            existed = with_rate_limits(lambda: self._api.repo_exists(self.repo_id))
+            if existed:
+                url = with_rate_limits(
+                    lambda: self._api.create_repo(self.repo_id, private=self.options.private, exist_ok=True)
+                )
+            else:
+                try:  # exist_ok=False: of two runs racing for one new name, only one may think it made it
+                    url = with_rate_limits(
+                        lambda: self._api.create_repo(
+                            self.repo_id, private=self.options.private, exist_ok=False
+                        )
+                    )
+                except HfHubHTTPError as exc:
+                    if exc.response is None or exc.response.status_code != 409:
+                        raise
+                    raise ResidualsError(
+                        f"{self.repo_id} was created by someone else (another run?) while this one was starting.",
+                        "Wait for that run to finish, or push to another name.",
+                    ) from None
+                self._created = True
         self.location = str(url)
         folder = work_dir(self.options)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=".residuals-push-", dir=folder))
         except OSError as exc:
-            self._discard()
+            self._discard(deliberate=True)
             raise from_os_error(exc, f"Making the upload staging folder in {folder}") from exc
         # one uploader per slot: the last two shards go up side by side, which shortens the tail
         self._threads = [
@@ -400,6 +445,24 @@ class HubRepoSink(Sink):
             thread.start()
         return self
 
+    def _check_card(self) -> None:
+        """The Hub checks card metadata only at commit time, after every upload: ask it now instead."""
+        if self.card_metadata is None:
+            return
+        from .hub import hub_errors, with_rate_limits
+
+        try:
+            with hub_errors(self.repo_id, None):
+                with_rate_limits(lambda: self._api._validate_yaml(self.card_metadata, repo_type="model"))
+        except ValueError as exc:
+            if isinstance(exc, ResidualsError):
+                raise
+            raise ResidualsError(
+                f"The Hub would refuse the model card of {self.repo_id}: {str(exc).strip()}",
+                "Nothing was uploaded. Name inputs by their Hub ids (card metadata may only name models "
+                "that exist on the Hub), or fix the license/language/tags given.",
+            ) from None
+
     # ---- the writer's hooks ----------------------------------------------------------------------
     def before_shard(self) -> None:
         while not self._slots.acquire(timeout=0.2):
@@ -407,33 +470,57 @@ class HubRepoSink(Sink):
         self._check_uploads()
 
     def shard_done(self, path: Path, checksums: dict) -> None:
-        self._queue.put((path, checksums["sha256"]))
+        self._queue.put((path, path.name, checksums["sha256"], True))
+
+    def add_file(self, path: Path, path_in_repo: str) -> None:
+        """Upload a finished file from elsewhere (a pushed folder) as it comes: read, never deleted."""
+        self.before_shard()
+        self._queue.put((Path(path), path_in_repo, None, False))
 
     def _upload_shards(self) -> None:
         from huggingface_hub import CommitOperationAdd
 
+        from .hub import with_rate_limits
+
         while (item := self._queue.get()) is not None:
-            path, sha256 = item
+            path, path_in_repo, sha256, owned = item
+            uploaded = False
             try:
                 if self._failure is None:
-                    operation = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-                    operation.upload_info.sha256 = bytes.fromhex(sha256)  # known from writing: not read again
-                    # already on the Hub (a rerun): the LFS batch answer says so and nothing is sent
-                    self._api.preupload_lfs_files(self.repo_id, additions=[operation])
+                    operation = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
+                    if sha256 is not None:
+                        operation.upload_info.sha256 = bytes.fromhex(sha256)  # known from writing
+                    # a rerun: Xet sends only chunks the Hub lacks; LFS skips objects it already holds
+                    with_rate_limits(
+                        lambda op=operation: self._api.preupload_lfs_files(self.repo_id, additions=[op])
+                    )
                     self._operations.append(operation)
+                    # a "regular" file is not uploaded yet: the commit reads it, so it must stay on disk
+                    uploaded = operation._upload_mode == "lfs" and operation._is_uploaded
+                    self.uploaded += uploaded
             except BaseException as exc:
                 self._failure = self._failure or exc
             finally:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                if owned and (uploaded or self._failure is not None):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
                 self._slots.release()
 
     def _check_uploads(self) -> None:
         if self._failure is not None:
+            from .hub import hub_refusal
+
+            cause = self._failure
+            problem = (
+                hub_refusal(cause, self.repo_id).problem
+                if getattr(cause, "response", None) is not None
+                else f"{type(cause).__name__}: {cause}"
+            )
             raise ResidualsError(
-                f"Uploading to {self.repo_id} failed ({type(self._failure).__name__}: {self._failure}).",
-                "Check your connection and token, then run again: shards the Hub already holds are not sent again.",
-            ) from self._failure
+                f"Uploading to {self.repo_id} failed ({problem}).",
+                "Check your connection and token, then run the same command again: what the Hub already "
+                "holds is not sent again.",
+            ) from cause
 
     # ---- publishing -------------------------------------------------------------------------------
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -443,51 +530,96 @@ class HubRepoSink(Sink):
             thread.join()
         try:
             if exc_type is not None:
-                self._discard()
+                deliberate = not isinstance(exc, Exception) or isinstance(exc, Cancelled)
+                cleanup = self._discard(deliberate=deliberate)
                 if isinstance(exc, OSError):
                     raise from_os_error(
                         exc, f"Staging the upload to {self.repo_id} in {self.path.parent}"
                     ) from exc
+                if isinstance(exc, ResidualsError) and not deliberate:
+                    raise ResidualsError(f"{exc.problem} {cleanup}", exc.fix) from exc
                 return
             try:
                 self._check_uploads()
                 self._commit()
             except BaseException as failure:
-                cleanup = self._discard()
+                deliberate = not isinstance(failure, Exception)
+                cleanup = self._discard(deliberate=deliberate)
                 problem = (
                     failure.problem
                     if isinstance(failure, ResidualsError)
                     else f"{type(failure).__name__}: {failure}"
                 )
+                fix = failure.fix if isinstance(failure, ResidualsError) else "Run the same command again."
                 raise ResidualsError(
-                    f"Pushing to {self.repo_id} failed ({problem}). {cleanup}",
-                    "Run the same command again"
-                    + (
-                        ": into an existing repo, shards the Hub already holds are not sent again."
-                        if not self._created
-                        else "."
-                    ),
+                    f"Pushing to {self.repo_id} failed ({problem}). {cleanup}", fix
                 ) from failure
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _commit(self) -> None:
+        """One commit; when its answer is lost (timeout, 5xx) look for it on the Hub, then try again."""
         from huggingface_hub import CommitOperationAdd
+        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import httpx
+
+        from .hub import hub_refusal, rate_limit_wait
 
         shards = {op.path_in_repo for op in self._operations}
         small = [
             CommitOperationAdd(path_in_repo=p.relative_to(self.path).as_posix(), path_or_fileobj=str(p))
             for p in sorted(self.path.rglob("*"))
-            if p.is_file() and p.name not in shards
+            if p.is_file() and p.relative_to(self.path).as_posix() not in shards
         ]
-        self._api.create_commit(
-            repo_id=self.repo_id, operations=[*self._operations, *small], commit_message=self.commit_message
-        )
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                self._api.create_commit(
+                    repo_id=self.repo_id,
+                    operations=[*self._operations, *small],
+                    commit_message=self.commit_message,
+                    commit_description=self.run_marker,
+                )
+                return
+            except (HfHubHTTPError, httpx.TransportError) as exc:
+                response = getattr(exc, "response", None)
+                status = response.status_code if response is not None else None
+                wait = rate_limit_wait(response)
+                unknown = status in UNKNOWN_OUTCOME or status is None or wait is not None
+                if unknown and self._landed():
+                    return  # the commit was made; only its answer was lost
+                if not unknown or attempt == COMMIT_ATTEMPTS:
+                    if response is None:
+                        raise
+                    raise hub_refusal(exc, self.repo_id) from exc
+                time.sleep(wait[0] + 1 if wait else COMMIT_RETRY_WAIT_S * attempt)
 
-    def _discard(self) -> str:
-        """After a failure: delete the repo if this run created it (nothing is left behind); say what happened."""
+    def _landed(self) -> bool:
+        """Whether this run's commit is on the repo's main branch (found by the run's marker)."""
+        from .hub import with_rate_limits
+
+        try:
+            commits = with_rate_limits(lambda: self._api.list_repo_commits(self.repo_id))
+        except Exception:
+            return False
+        return any(self.run_marker in (c.message or "") for c in commits[:5])
+
+    def _discard(self, *, deliberate: bool) -> str:
+        """After a failure: say what is left. A repo this run created goes only when nothing was uploaded
+        to it or the run was stopped on purpose; otherwise it keeps the uploads for a resume."""
+        if self._landed():
+            return f"The result was committed to {self.repo_id} all the same."
         if not self._created:
-            return f"The existing repo {self.repo_id} was left as it was (no commit was made)."
+            return f"The existing repo {self.repo_id} was left as it was (no commit was made)" + (
+                f"; the {self.uploaded} weight file(s) already uploaded are kept for a rerun."
+                if self.uploaded
+                else "."
+            )
+        if self.uploaded and not deliberate:
+            return (
+                f"The repo {self.repo_id}, created by this run, was kept without a commit: it holds the "
+                f"{self.uploaded} weight file(s) already uploaded. Run the same command again to resume "
+                f"(they are not sent again), or delete it (hf repos delete {self.repo_id})."
+            )
         try:
             self._api.delete_repo(self.repo_id)
         except Exception:

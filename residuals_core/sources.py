@@ -159,6 +159,11 @@ class HubFile(ByteReader):
                 )
                 hf_raise_for_status(response)
         except _RetryableRead as exc:
+            if exc.rate_limit is not None:
+                raise ResidualsError(
+                    f"The Hub kept rate-limiting reads of {self.label} (its '{exc.rate_limit[1]}' limit).",
+                    "Wait a few minutes and run again; logged-in requests (a token) get higher limits.",
+                ) from exc
             raise ResidualsError(
                 f"The Hub kept failing to send {self.label} ({exc}).", "Try again later."
             ) from exc
@@ -301,8 +306,7 @@ class _Stream:
             self._put(None)
 
     def _read_all(self) -> None:
-        import httpx2
-        from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
+        from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff, httpx
 
         file = self.file
         position = 0  # bytes emitted as whole chunks
@@ -337,21 +341,35 @@ class _Stream:
                             if self._stop.is_set():
                                 return
                             failures, wait = 0, FIRST_RETRY_WAIT_S  # progress: a later cut starts over
-                    except httpx2.TransportError as exc:
+                    except httpx.TransportError as exc:
                         cut = exc
                 if cut is not None:
                     raise cut
-            except (httpx2.TransportError, _RetryableRead) as exc:
+            except (httpx.TransportError, _RetryableRead) as exc:
                 failures += 1
                 HUB_READS.add(retries=1)
+                limited = getattr(exc, "rate_limit", None)
                 if failures >= RETRIES:
+                    if limited is not None:
+                        raise ResidualsError(
+                            f"The Hub kept rate-limiting reads of {file.label} (its '{limited[1]}' limit) at byte "
+                            f"{position + len(pending)} of {file.size}, after {failures} waits.",
+                            "Wait a few minutes and run again; logged-in requests (a token) get higher limits.",
+                        ) from exc
                     raise ResidualsError(
                         f"Reading {file.label} failed at byte {position + len(pending)} of {file.size} "
                         f"after {failures} attempts ({type(exc).__name__}: {exc}).",
                         "Check the network connection and run again.",
                     ) from exc
-                time.sleep(wait)
-                wait = min(MAX_RETRY_WAIT_S, wait * 2)
+                if limited is not None:  # wait as long as the Hub says, and say so
+                    from .hub import MAX_RATE_LIMIT_WAIT_S, say_wait
+
+                    pause = min(limited[0] + 1, MAX_RATE_LIMIT_WAIT_S)
+                    say_wait(pause, limited[1], failures, RETRIES)
+                    time.sleep(pause)
+                else:
+                    time.sleep(wait)
+                    wait = min(MAX_RETRY_WAIT_S, wait * 2)
             finally:
                 HUB_READS.add(received)
             if position + len(pending) > file.size:
@@ -365,7 +383,12 @@ class _Stream:
 
 
 class _RetryableRead(Exception):
-    """A Hub answer worth retrying that huggingface_hub already gave up on (a 5xx after its own retries)."""
+    """A Hub answer worth retrying that huggingface_hub already gave up on (a 5xx or a 429 after its own
+    retries); `rate_limit` is (seconds to wait, which limit) for a 429."""
+
+    def __init__(self, message: str, rate_limit: tuple[float, str] | None = None):
+        super().__init__(message)
+        self.rate_limit = rate_limit
 
 
 class _hub_read_errors:
@@ -383,7 +406,11 @@ class _hub_read_errors:
         from huggingface_hub.errors import HfHubHTTPError
 
         if isinstance(exc, HfHubHTTPError):
+            from .hub import rate_limit_wait
+
             status = exc.response.status_code if exc.response is not None else None
+            if status == 429:
+                raise _RetryableRead("HTTP 429 Too Many Requests", rate_limit_wait(exc.response)) from exc
             if status is not None and status >= 500:
                 raise _RetryableRead(f"HTTP {status}") from exc
             raise ResidualsError(

@@ -17,7 +17,7 @@ def _free_port() -> int:
 HUB_PORT = _free_port()
 ROOT = Path(__file__).resolve().parent.parent
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
-os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.pop("HF_HUB_DISABLE_XET", None)  # uploads go through Xet, as they do for users
 os.environ.pop("HF_TOKEN", None)
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

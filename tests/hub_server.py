@@ -9,6 +9,18 @@ n-th ranged weight read half-way, `corrupt` flips a served byte, `fail_next_comm
 limits bandwidth like one full-duplex line (B bytes/s down and B up, shared by all connections).
 Every request is logged (method, path, Range, bytes) so tests can prove what was and wasn't sent.
 
+It behaves like the real Hub where a kind fake would hide bugs (DESIGN.md 3b):
+- weight files are served by a second origin: `resolve` answers 302 to the "CDN", which honours Range
+  and refuses any request that carries an Authorization header;
+- uploads speak Xet when `hf_xet` is installed: `xet-write-token` hands out a local CAS folder, and a
+  commit's LFS pointer is accepted only once the file can be rebuilt from that CAS (sha256 checked);
+- the upload mode (lfs / regular) follows the repo's `.gitattributes` (a new repo gets the Hub's
+  default one) and the file size; repo ids are case-insensitive, other spellings get a 307;
+- tokens carry scopes (OAuth: `read-repos`, `write-repos`, `manage-repos`, `gated-repos`, `jobs`);
+- faults on request: 429 with `RateLimit` headers, a commit that lands and then answers 504, a
+  private-storage quota 403, `validate-yaml` rejecting a `base_model` the Hub does not hold, and
+  Jobs that are stopped at their timeout (30 minutes unless the spec says otherwise).
+
 Standalone (for the benchmark): `python tests/hub_server.py ROOT --port P --token hf_x:alice`.
 """
 
@@ -17,10 +29,12 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -61,15 +75,49 @@ class Link:
             time.sleep(wait)
 
 
+LFS_THRESHOLD = (
+    10 * 1024 * 1024
+)  # the Hub stores files this large through LFS/Xet whatever .gitattributes says
+DEFAULT_GITATTRIBUTES = "".join(
+    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
+    for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.model", "*.safetensors", "*.zip")
+)
+ALL_SCOPES = frozenset({"read-repos", "write-repos", "manage-repos", "gated-repos", "jobs"})
+
+
 @dataclass
 class Repo:
     private: bool
-    commits: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (sha, {path: blob sha256})
+    name: str = ""  # the canonical spelling (ids are case-insensitive)
+    commits: list[tuple[str, dict[str, str], str]] = field(
+        default_factory=list
+    )  # (sha, {path: blob}, message)
     lfs: set[str] = field(default_factory=set)  # LFS objects uploaded to this repo (oids)
+    gated: bool = False
+    granted: set[str] = field(default_factory=set)  # users who accepted a gated repo's conditions
 
     @property
-    def head(self) -> tuple[str, dict[str, str]]:
+    def head(self) -> tuple[str, dict[str, str], str]:
         return self.commits[-1]
+
+
+class RepoTable(dict):
+    """Repos by id, looked up case-insensitively as the Hub does (`alice/MyModel` is `alice/mymodel`)."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key.lower(), value)
+
+    def __getitem__(self, key):
+        return super().__getitem__(key.lower())
+
+    def __delitem__(self, key):
+        super().__delitem__(key.lower())
+
+    def __contains__(self, key):
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+    def get(self, key, default=None):
+        return super().get(key.lower(), default)
 
 
 @dataclass
@@ -84,6 +132,10 @@ class Job:
     lines: list[tuple[str, str]] = field(default_factory=list)  # (timestamp, log line)
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)  # what the process got (tests check where the token went)
+
+    message: str | None = None
+    timeout_s: float = 30 * 60
+    output_done: bool = False  # its output ended (the log stream ends then, maybe before the stage does)
 
     def info(self) -> dict:
         image = (
@@ -101,13 +153,48 @@ class Job:
             "secrets": {name: "***" for name in self.spec.get("secrets", {})},  # never the values
             "flavor": self.spec.get("flavor"),
             "labels": self.spec.get("labels"),
-            "status": {"stage": self.stage, "message": None},
+            "status": {"stage": self.stage, "message": self.message},
+            "timeoutSeconds": self.spec.get("timeoutSeconds"),
             "owner": {"id": self.namespace, "name": self.namespace, "type": "user"},
         }
 
 
+def _member(user: dict, repo_id: str) -> bool:
+    """Whether the user owns the repo's namespace (their own, or one of their orgs; case-insensitive)."""
+    return repo_id.split("/")[0].lower() in {user["name"].lower(), *(o.lower() for o in user.get("orgs", []))}
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def _xet_hex(raw: bytes) -> str:
+    """A Xet hash as its tools print it: four little-endian 64-bit words."""
+    return "".join(f"{int.from_bytes(raw[i : i + 8], 'little'):016x}" for i in range(0, 32, 8))
+
+
+def _shard_files(data: bytes) -> dict[str, tuple[str, int]]:
+    """sha256 -> (Xet file hash, size) of the files an MDB shard records (the Xet shard format:
+    a 48-byte header, a footer naming the file-info and CAS-info sections; per file a 48-byte header,
+    its segments, optional verification entries, and a metadata extension holding the sha256)."""
+    footer_size = struct.unpack_from("<Q", data, 40)[0]
+    footer = data[len(data) - footer_size :]
+    _, file_info, cas_info = struct.unpack_from("<QQQ", footer, 0)
+    found, pos = {}, file_info
+    while pos < cas_info:
+        file_hash = data[pos : pos + 32]
+        flags, entries = struct.unpack_from("<II", data, pos + 32)
+        pos += 48
+        if file_hash == b"\xff" * 32:
+            break
+        size = sum(struct.unpack_from("<I", data, pos + 48 * i + 36)[0] for i in range(entries))
+        pos += 48 * entries
+        if flags & (1 << 31):
+            pos += 48 * entries
+        if flags & (1 << 30):
+            found[_xet_hex(data[pos : pos + 32])] = (_xet_hex(file_hash), size)
+            pos += 48
+    return found
 
 
 class LocalHub:
@@ -117,9 +204,17 @@ class LocalHub:
         self.root = Path(root)
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.tokens = tokens  # token -> {"name": user, "orgs": [org, ...]}
-        self.repos: dict[str, Repo] = {}
+        self.repos: RepoTable = RepoTable()
         self.log: list[dict] = []
         self.fail_next_commit = False
+        # "landed-then-504": the commit is made, then the answer is a gateway timeout (as after 60 s);
+        # "quota": 403 private storage limit; "500": a server error with nothing committed
+        self.commit_faults: list[str] = []
+        self.rate_limits: dict[str, list] = {}  # "api" / "resolvers" -> [requests still refused, reset s]
+        self.cas_dir = self.root / "cas"  # the local Xet CAS that xet-write-token hands out
+        self.xet_files: dict[str, tuple[str, int]] = {}  # sha256 -> (xet file hash, size), from CAS shards
+        self.job_time_scale = 1.0  # a job's timeout in seconds is this many seconds here
+        self.job_stage_lag_s = 0.0  # how long after its log ends a job's stage still says RUNNING
         self.flaky_every = 0  # cut every n-th ranged read of a weight file half-way (0: never)
         self.corrupt: dict[str, int] = {}  # "repo/path" -> offset of a byte flipped when served
         self.link = Link()
@@ -131,14 +226,72 @@ class LocalHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        # the second origin that `resolve` redirects weight files to (the Hub's CAS bridge / CDN)
+        self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), self._cdn_handler())
+        self._cdn.daemon_threads = True
+        self.cdn_url = f"http://127.0.0.1:{self._cdn.server_address[1]}"
 
     def __enter__(self) -> LocalHub:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        for server in (self._server, self._cdn):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        for server in (self._server, self._cdn):
+            server.shutdown()
+            server.server_close()
+
+    def rate_limit(self, kind: str, requests: int, reset_s: int = 1) -> None:
+        """Answer the next `requests` requests of `kind` ("api" or "resolvers") with 429."""
+        self.rate_limits[kind] = [requests, reset_s]
+
+    def _limited(self, kind: str) -> int | None:
+        """Seconds to announce when this request is rate-limited, else None."""
+        with self.lock:
+            left = self.rate_limits.get(kind)
+            if not left or left[0] <= 0:
+                return None
+            left[0] -= 1
+            return left[1]
+
+    def _from_cas(self, sha256: str) -> bool:
+        """Rebuild a file that a Xet upload put in the CAS (found by sha256 in its shards) as a blob."""
+        if sha256 not in self.xet_files:
+            for shard in (self.cas_dir / "xet" / "xorbs" / "shards").glob("*.mdb"):
+                self.xet_files.update(_shard_files(shard.read_bytes()))
+        if sha256 not in self.xet_files:
+            return False
+        if not (self.root / "blobs" / sha256).exists():
+            import hf_xet
+
+            xet_hash, size = self.xet_files[sha256]
+            target = self.root / "blobs" / f".xet-{sha256}"
+            with hf_xet.XetSession().new_file_download_group(
+                endpoint=f"local://{self.cas_dir}",
+                token="local",
+                token_expiry_unix_secs=int(time.time()) + 3600,
+                token_refresh_url=None,
+                token_refresh_headers=None,
+                custom_headers={},
+                progress_callback=None,
+            ) as group:
+                group.start_download_file(hf_xet.XetFileInfo(xet_hash, size), str(target))
+            digest = hashlib.sha256()
+            with open(target, "rb") as f:
+                while data := f.read(IO_CHUNK * 16):
+                    digest.update(data)
+            if digest.hexdigest() != sha256:
+                target.unlink()
+                return False
+            os.replace(target, self.root / "blobs" / sha256)
+        self.lfs_blobs.add(sha256)
+        self.log.append({"method": "XET", "path": f"/cas/{sha256}", "range": None, "bytes": 0, "token": None})
+        return True
+
+    def cas_bytes(self) -> int:
+        """Bytes the Xet uploads stored in the CAS (xorbs): a rerun that sends nothing again adds none."""
+        folder = self.cas_dir / "xet" / "xorbs" / "xorbs"
+        return sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.exists() else 0
 
     def requests(self, method: str | None = None, contains: str = "") -> list[dict]:
         return [r for r in self.log if (method is None or r["method"] == method) and contains in r["path"]]
@@ -172,12 +325,24 @@ class LocalHub:
         os.replace(tmp.name, final)
         return digest.hexdigest()
 
-    def _commit(self, repo: Repo, files: dict[str, str]) -> str:
+    def _commit(self, repo: Repo, files: dict[str, str], message: str = "") -> str:
         sha = hashlib.sha1(f"{time.time_ns()}{len(repo.commits)}{sorted(files.items())}".encode()).hexdigest()
-        repo.commits.append((sha, files))
+        repo.commits.append((sha, files, message))
         return sha
 
-    def _snapshot(self, repo: Repo, revision: str) -> tuple[str, dict[str, str]] | None:
+    def _upload_mode(self, repo: Repo, path: str, size: int) -> str:
+        """lfs for large files and for paths the repo's .gitattributes sends to LFS, else regular."""
+        if size >= LFS_THRESHOLD:
+            return "lfs"
+        blob = repo.head[1].get(".gitattributes")
+        rules = (self.root / "blobs" / blob).read_text() if blob else ""
+        for line in rules.splitlines():
+            pattern, *attributes = line.split()
+            if "filter=lfs" in attributes and fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern):
+                return "lfs"
+        return "regular"
+
+    def _snapshot(self, repo: Repo, revision: str) -> tuple[str, dict[str, str], str] | None:
         if revision in ("main", "HEAD"):
             return repo.head
         return next((c for c in repo.commits if c[0] == revision), None)
@@ -194,7 +359,21 @@ class LocalHub:
 
             def _user(self) -> dict | None:
                 auth = self.headers.get("Authorization", "")
-                return hub.tokens.get(auth.removeprefix("Bearer ").strip()) if auth else None
+                user = hub.tokens.get(auth.removeprefix("Bearer ").strip()) if auth else None
+                if user is not None and user.get("expires_at") and user["expires_at"] < time.time():
+                    return None  # an expired OAuth token is no token
+                return user
+
+            def _lacks_scope(self, user: dict | None, scope: str) -> bool:
+                """True after answering 403 when the token was not granted `scope` (OAuth / fine-grained)."""
+                if user is None or scope in user.get("scopes", ALL_SCOPES):
+                    return False
+                self._error(
+                    403,
+                    f"This token lacks the '{scope}' scope (granted: {' '.join(sorted(user['scopes']))}).",
+                    "InsufficientScope",
+                )
+                return True
 
             def _send(
                 self, status: int, body=b"", headers: dict | None = None, content_type="application/json"
@@ -210,8 +389,10 @@ class LocalHub:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
-            def _error(self, status: int, message: str, code: str | None = None, **extra):
-                headers = {"X-Error-Message": message}
+            def _error(
+                self, status: int, message: str, code: str | None = None, headers: dict | None = None, **extra
+            ):
+                headers = {"X-Error-Message": message, **(headers or {})}
                 if code:
                     headers["X-Error-Code"] = code
                 self._send(status, {"error": message, **extra}, headers)
@@ -235,9 +416,48 @@ class LocalHub:
                     return None
                 if repo.private:
                     user = self._user()
-                    if user is None or repo_id.split("/")[0] not in {user["name"], *user.get("orgs", [])}:
+                    if (
+                        user is None
+                        or not _member(user, repo_id)
+                        or "read-repos" not in user.get("scopes", ALL_SCOPES)
+                    ):
                         return None
                 return repo
+
+            def _gate(self, repo_id: str, repo: Repo) -> bool:
+                """True after answering 403 when a gated repo's file is asked by someone not granted it."""
+                user = self._user()
+                scopes = user.get("scopes", ALL_SCOPES) if user else set()
+                if not repo.gated or (
+                    user is not None
+                    and (
+                        _member(user, repo_id)
+                        or (user["name"] in repo.granted and scopes & {"gated-repos", "read-repos"})
+                    )
+                ):
+                    return False
+                self._error(
+                    403 if user else 401,
+                    f"Access to model {repo.name} is restricted. You must have access to it and be authenticated "
+                    "to access it.",
+                    "GatedRepo",
+                )
+                return True
+
+            def _canonical(self, parts: list[str]) -> str | None:
+                """The path with a repo id spelled as the Hub stores it, when the request spelled it otherwise."""
+                if parts[:2] == ["api", "models"] and len(parts) >= 4:
+                    at = 2
+                elif len(parts) >= 3 and parts[2] == "resolve":
+                    at = 0
+                else:
+                    return None
+                repo = hub.repos.get(f"{parts[at]}/{parts[at + 1]}")
+                if repo is None or repo.name == f"{parts[at]}/{parts[at + 1]}":
+                    return None
+                fixed = [*parts[:at], *repo.name.split("/"), *parts[at + 2 :]]
+                query = urlparse(self.path).query
+                return "/" + "/".join(fixed) + (f"?{query}" if query else "")
 
             def _dispatch(self):
                 parsed = urlparse(self.path)
@@ -257,12 +477,29 @@ class LocalHub:
                 parts = path.strip("/").split("/")
                 if self.command == "PUT" and parts[0] == "lfs-upload":  # streamed to disk, outside the lock
                     return self._lfs_put("/".join(parts[1:3]), parts[3])
-                if len(parts) >= 5 and parts[2] == "resolve" and self.command in ("GET", "HEAD"):
-                    self.body = self._body()
+                self.body = self._body()  # always consume it: keep-alive connections carry the next request
+                resolve = len(parts) >= 5 and parts[2] == "resolve" and self.command in ("GET", "HEAD")
+                if parts[0] == "api" or resolve:
+                    wait = hub._limited("resolvers" if resolve else "api")
+                    if wait is not None:
+                        kind = "resolvers" if resolve else "api"
+                        return self._error(
+                            429,
+                            "Too Many Requests",
+                            headers={
+                                "RateLimit": f'"{kind}";r=0;t={wait}',
+                                "RateLimit-Policy": f'"fixed window";"{kind}";q=500;w=300',
+                                "Retry-After": str(wait),
+                            },
+                        )
+                with hub.lock:
+                    canonical = self._canonical(parts)
+                if canonical is not None:  # the Hub answers other spellings of a repo id with a redirect
+                    return self._send(307, b"", {"Location": canonical})
+                if resolve:
                     with hub.lock:
                         found = self._resolve_lookup(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
-                    return None if found is None else self._serve_file(*found)
-                self.body = self._body()  # always consume it: keep-alive connections carry the next request
+                    return None if found is None else self._serve_or_redirect(*found)
                 if parts[:2] == ["api", "jobs"] and len(parts) >= 3:
                     return self._jobs(parts[2], parts[3:])
                 with hub.lock:
@@ -286,12 +523,16 @@ class LocalHub:
                     if path == "/api/repos/delete" and self.command == "DELETE":
                         return self._delete()
                     if path == "/api/validate-yaml":
-                        return self._send(200, {"errors": [], "warnings": []})
+                        return self._validate_yaml()
                     if parts[:2] == ["api", "models"] and len(parts) >= 4:
                         repo_id = f"{parts[2]}/{parts[3]}"
                         rest = parts[4:]
                         if not rest:
                             return self._info(repo_id, "main")
+                        if rest[0] == "xet-write-token":
+                            return self._xet_write_token(repo_id)
+                        if rest[0] == "commits":
+                            return self._commits(repo_id, "/".join(rest[1:]) or "main")
                         if rest[0] == "revision":
                             return self._info(repo_id, "/".join(rest[1:]))
                         if rest[0] == "preupload":
@@ -309,8 +550,10 @@ class LocalHub:
                 user = self._user()
                 if user is None:
                     return self._error(401, "Invalid credentials in Authorization header")
-                if namespace not in {user["name"], *user.get("orgs", [])}:
+                if not _member(user, f"{namespace}/x"):
                     return self._error(403, f"You cannot run or see Jobs in the namespace {namespace}")
+                if self._lacks_scope(user, "jobs"):
+                    return None
                 if not rest and self.command == "POST":
                     return self._send(200, self._start_job(namespace, json.loads(self.body or b"{}")).info())
                 job = hub.jobs.get(rest[0]) if rest else None
@@ -320,7 +563,7 @@ class LocalHub:
                     return self._send(200, job.info())
                 if rest[1] == "cancel" and self.command == "POST":
                     if job.stage == "RUNNING" and job.proc is not None:
-                        job.stage = "CANCELED"
+                        job.stage, job.message = "CANCELED", "Job canceled by the user"
                         job.proc.terminate()
                     return self._send(200, {})
                 if rest[1] == "logs":
@@ -350,11 +593,24 @@ class LocalHub:
                 def follow():
                     for line in job.proc.stdout:
                         job.lines.append((_now(), line.rstrip("\n")))
+                    job.output_done = True
                     code = job.proc.wait()
+                    time.sleep(hub.job_stage_lag_s)  # the log can end before the stage says so
                     if job.stage == "RUNNING":
                         job.stage = "COMPLETED" if code == 0 else "ERROR"
+                        job.message = None if code == 0 else f"Job failed with exit code: {code}"
 
+                def stop_at_timeout():
+                    try:
+                        job.proc.wait(timeout=job.timeout_s * hub.job_time_scale)
+                    except subprocess.TimeoutExpired:
+                        if job.stage == "RUNNING":
+                            job.stage, job.message = "ERROR", "Job timeout"
+                            job.proc.kill()
+
+                job.timeout_s = float(spec.get("timeoutSeconds") or 30 * 60)
                 threading.Thread(target=follow, daemon=True).start()
+                threading.Thread(target=stop_at_timeout, daemon=True).start()
                 hub.jobs[job.id] = job
                 return job
 
@@ -367,7 +623,7 @@ class LocalHub:
                 sent = 0
                 try:
                     while True:
-                        finished = job.stage != "RUNNING"
+                        finished = job.output_done or job.stage != "RUNNING"
                         while sent < len(job.lines):
                             stamp, line = job.lines[sent]
                             self.wfile.write(
@@ -393,10 +649,18 @@ class LocalHub:
                         "fullname": user["name"].title(),
                         "avatarUrl": "",
                         "orgs": [{"name": o, "type": "org"} for o in user.get("orgs", [])],
-                        "auth": {
-                            "type": "access_token",
-                            "accessToken": {"displayName": "test", "role": "write"},
-                        },
+                        "auth": (
+                            {
+                                "type": "oauth",
+                                "expiresAt": user.get("expires_at"),
+                                "scope": " ".join(sorted(user["scopes"])),
+                            }
+                            if "scopes" in user
+                            else {
+                                "type": "access_token",
+                                "accessToken": {"displayName": "test", "role": "write"},
+                            }
+                        ),
                     },
                 )
 
@@ -404,15 +668,25 @@ class LocalHub:
                 user = self._user()
                 if user is None:
                     return self._error(401, "Invalid credentials in Authorization header")
+                if self._lacks_scope(user, "manage-repos"):
+                    return None
                 payload = json.loads(self.body or b"{}")
                 namespace = payload.get("organization") or user["name"]
                 repo_id = f"{namespace}/{payload['name']}"
-                if namespace not in {user["name"], *user.get("orgs", [])}:
+                if not _member(user, repo_id):
                     return self._error(403, f"You don't have the rights to create a model under {namespace}")
-                if repo_id in hub.repos:
-                    return self._error(409, "You already created this model repo", url=f"{hub.url}/{repo_id}")
-                repo = Repo(private=bool(payload.get("private")) or payload.get("visibility") == "private")
-                hub._commit(repo, {})
+                if repo_id in hub.repos:  # whatever the case of its letters
+                    existing = hub.repos[repo_id].name
+                    return self._error(
+                        409, "You already created this model repo", url=f"{hub.url}/{existing}"
+                    )
+                repo = Repo(
+                    private=bool(payload.get("private")) or payload.get("visibility") == "private",
+                    name=repo_id,
+                )
+                hub._commit(
+                    repo, {".gitattributes": hub._blob(DEFAULT_GITATTRIBUTES.encode())}, "initial commit"
+                )
                 hub.repos[repo_id] = repo
                 self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
 
@@ -422,6 +696,8 @@ class LocalHub:
                 repo_id = f"{payload.get('organization') or (user or {}).get('name')}/{payload['name']}"
                 if user is None or repo_id not in hub.repos:
                     return self._error(404, "Repository not found", "RepoNotFound")
+                if self._lacks_scope(user, "manage-repos"):
+                    return None
                 del hub.repos[repo_id]
                 self._send(200, {})
 
@@ -473,7 +749,7 @@ class LocalHub:
                 found = self._lookup(repo_id, revision)
                 if found is None:
                     return None
-                repo, (sha, files) = found
+                repo, (sha, files, _) = found
                 self._send(
                     200,
                     {
@@ -484,7 +760,7 @@ class LocalHub:
                         "sha": sha,
                         "private": repo.private,
                         "disabled": False,
-                        "gated": False,
+                        "gated": "auto" if repo.gated else False,
                         "tags": [],
                         "downloads": 0,
                         "likes": 0,
@@ -503,8 +779,10 @@ class LocalHub:
 
             def _writable(self, repo_id: str) -> Repo | None:
                 user = self._user()
-                if user is None or repo_id.split("/")[0] not in {user["name"], *user.get("orgs", [])}:
+                if user is None or not _member(user, repo_id):
                     self._error(401, "Invalid credentials in Authorization header")
+                    return None
+                if self._lacks_scope(user, "write-repos"):
                     return None
                 repo = hub.repos.get(repo_id)
                 if repo is None:
@@ -515,10 +793,11 @@ class LocalHub:
                 payload = json.loads(self.body or b"{}")
                 if self._writable(repo_id) is None:
                     return None
+                repo = hub.repos[repo_id]
                 files = [
                     {
                         "path": f["path"],
-                        "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                        "uploadMode": hub._upload_mode(repo, f["path"], int(f.get("size") or 0)),
                         "shouldIgnore": False,
                         "oid": None,
                     }
@@ -534,6 +813,17 @@ class LocalHub:
                 if hub.fail_next_commit:
                     hub.fail_next_commit = False
                     return self._error(400, "Simulated failure while committing (test)")
+                fault = hub.commit_faults.pop(0) if hub.commit_faults else None
+                if fault == "quota":
+                    return self._error(
+                        403,
+                        "Private repository storage limit reached, please upgrade your plan to increase your "
+                        "private storage limit or make the repository public.",
+                    )
+                if fault == "500":
+                    return self._error(
+                        500, "Internal Error - We're working hard to fix this as soon as possible!"
+                    )
                 files = dict(repo.head[1])
                 summary = ""
                 for line in body.decode().splitlines():
@@ -543,9 +833,13 @@ class LocalHub:
                     value = item["value"]
                     if item["key"] == "header":
                         summary = value.get("summary", "")
+                        if value.get("description"):
+                            summary += "\n\n" + value["description"]
                     elif item["key"] == "file":
                         files[value["path"]] = hub._blob(base64.b64decode(value["content"]))
                     elif item["key"] == "lfsFile":
+                        if value["oid"] not in repo.lfs and hub._from_cas(value["oid"]):
+                            repo.lfs.add(value["oid"])  # uploaded through Xet: rebuilt from the CAS
                         if value["oid"] not in repo.lfs:
                             return self._error(
                                 422, f"LFS object {value['oid']} of {value['path']} was never uploaded"
@@ -555,7 +849,9 @@ class LocalHub:
                         files.pop(value["path"], None)
                     else:
                         return self._error(400, f"unsupported commit operation {item['key']} in the test hub")
-                sha = hub._commit(repo, files)
+                sha = hub._commit(repo, files, summary)
+                if fault == "landed-then-504":  # the commit is made; the answer never arrives in time
+                    return self._error(504, "Gateway Timeout")
                 self._send(
                     200,
                     {
@@ -564,6 +860,61 @@ class LocalHub:
                         "commitMessage": summary,
                     },
                 )
+
+            def _validate_yaml(self):
+                """Card metadata as the Hub checks it: a YAML mapping whose base_model names models it holds."""
+                import yaml
+
+                content = json.loads(self.body or b"{}").get("content", "")
+                errors = []
+                if content.startswith("---"):
+                    try:
+                        meta = yaml.safe_load(content.split("---", 2)[1]) or {}
+                    except yaml.YAMLError as exc:
+                        meta, errors = {}, [{"message": f"YAML is invalid: {exc}"}]
+                    if not isinstance(meta, dict):
+                        meta, errors = {}, [{"message": "metadata must be a YAML mapping"}]
+                    base = meta.get("base_model") or []
+                    for name in [base] if isinstance(base, str) else base:
+                        if not isinstance(name, str) or name not in hub.repos:
+                            errors.append(
+                                {"message": f'"base_model" with value "{name}" is not a valid model id'}
+                            )
+                if errors:
+                    return self._send(400, {"errors": errors, "warnings": []})
+                return self._send(200, {"errors": [], "warnings": []})
+
+            def _xet_write_token(self, repo_id: str):
+                """A short-lived Xet write token for a local CAS folder (hf_xet's local:// endpoint)."""
+                if self._writable(repo_id) is None:
+                    return None
+                hub.cas_dir.mkdir(exist_ok=True)
+                expires = int(time.time()) + 3600
+                info = {"casUrl": f"local://{hub.cas_dir}", "accessToken": "xet-local-token", "exp": expires}
+                headers = {
+                    "X-Xet-Cas-Url": info["casUrl"],
+                    "X-Xet-Access-Token": info["accessToken"],
+                    "X-Xet-Token-Expiration": str(expires),
+                }
+                return self._send(200, info, headers)
+
+            def _commits(self, repo_id: str, revision: str):
+                found = self._lookup(repo_id, revision)
+                if found is None:
+                    return None
+                repo, (head, _, _) = found
+                shas = [c[0] for c in repo.commits]
+                listing = [
+                    {
+                        "id": sha,
+                        "title": message.split("\n", 1)[0],
+                        "message": message.split("\n\n", 1)[1] if "\n\n" in message else "",
+                        "authors": [{"user": repo.name.split("/")[0]}],
+                        "date": "2026-12-01T00:00:00.000Z",
+                    }
+                    for sha, _, message in reversed(repo.commits[: shas.index(head) + 1])
+                ]
+                return self._send(200, listing)
 
             def _tree(self, repo_id: str, revision: str, prefix: str):
                 found = self._lookup(repo_id, revision)
@@ -584,72 +935,147 @@ class LocalHub:
                 found = self._lookup(repo_id, revision)
                 if found is None:
                     return None
-                _, (sha, files) = found
+                repo, (sha, files, _) = found
+                if self._gate(repo_id, repo):
+                    return None
                 if filename not in files:
                     self._error(404, f"Entry not found: {filename}", "EntryNotFound")
                     return None
                 return repo_id, sha, filename, files[filename]
 
-            def _serve_file(self, repo_id: str, sha: str, filename: str, blob: str):
-                """Send a file (or the asked range) from disk in chunks, through the link and the test faults."""
-                path = hub.root / "blobs" / blob
-                size = path.stat().st_size
-                headers = {"X-Repo-Commit": sha, "ETag": f'"{blob}"', "Accept-Ranges": "bytes"}
+            def _file_headers(self, sha: str, blob: str) -> dict:
+                headers = {"X-Repo-Commit": sha, "ETag": f'"{blob}"'}
                 if blob in hub.lfs_blobs:
+                    size = (hub.root / "blobs" / blob).stat().st_size
                     headers |= {"X-Linked-Etag": f'"{blob}"', "X-Linked-Size": str(size)}
-                start, end, status = 0, size - 1, 200
-                wanted = self.headers.get("Range")
-                if wanted and wanted.startswith("bytes="):
-                    start_s, _, end_s = wanted[6:].partition("-")
-                    start = int(start_s)
-                    end = min(int(end_s) if end_s else size - 1, size - 1)
-                    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-                    status = 206
-                length = max(0, end - start + 1)
-                cut_at = None
-                if (
-                    status == 206
-                    and self.command == "GET"
-                    and filename.endswith(".safetensors")
-                    and length > 4096
-                ):
-                    with hub.lock:
-                        hub._served_ranges += 1
-                        if hub.flaky_every and hub._served_ranges % hub.flaky_every == 0:
-                            cut_at = length // 2
-                flip = hub.corrupt.get(f"{repo_id}/{filename}")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(length))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if self.command == "HEAD":
-                    return
-                sent = 0
-                with open(path, "rb") as f:
-                    f.seek(start)
-                    while sent < length:
-                        data = bytearray(f.read(min(IO_CHUNK, length - sent)))
-                        if flip is not None and start + sent <= flip < start + sent + len(data):
-                            data[flip - start - sent] ^= 0xFF
-                        if cut_at is not None and sent + len(data) > cut_at:
-                            data = data[: cut_at - sent]
-                        hub.link.pass_bytes("down", len(data))
-                        try:
-                            self.wfile.write(data)
-                        except (BrokenPipeError, ConnectionResetError):
-                            self.close_connection = True
-                            return
-                        sent += len(data)
-                        self.entry["bytes"] = sent
-                        if cut_at is not None and sent >= cut_at:  # a connection cut half-way (flaky mode)
-                            self.wfile.flush()
-                            self.close_connection = True
-                            self.connection.shutdown(socket.SHUT_RDWR)
-                            return
+                return headers
+
+            def _serve_or_redirect(self, repo_id: str, sha: str, filename: str, blob: str):
+                """Files stored in git are sent from here; LFS/Xet files by a 302 to the CDN, as on the Hub."""
+                headers = self._file_headers(sha, blob)
+                if blob not in hub.lfs_blobs:
+                    return _serve_file(self, hub, repo_id, sha, filename, blob, headers)
+                with hub.lock:
+                    signature = hashlib.sha256(f"{blob}{repo_id}/{filename}".encode()).hexdigest()[:16]
+                location = f"{hub.cdn_url}/{blob}?repo={repo_id}&file={filename}&sig={signature}"
+                self._send(302, b"", {**headers, "Location": location, "Content-Length": "0"})
+                return None
 
         return Handler
+
+    def _cdn_handler(self):
+        """The second origin: serves blobs by signed URL with Range, and refuses Authorization headers
+        (as a CDN or an S3 presigned URL does: the client must drop them on a cross-origin redirect)."""
+        hub = self
+
+        class CdnHandler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(
+                self, status: int, body=b"", headers: dict | None = None, content_type="application/json"
+            ):
+                if not isinstance(body, bytes):
+                    body = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _dispatch(self):
+                parsed = urlparse(self.path)
+                query = parse_qs(parsed.query)
+                blob = parsed.path.strip("/")
+                entry = {
+                    "method": self.command,
+                    "path": f"cdn:{parsed.path}",
+                    "range": self.headers.get("Range"),
+                    "bytes": 0,
+                    "token": (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+                    or None,
+                }
+                hub.log.append(entry)
+                self.entry = entry
+                if self.headers.get("Authorization"):
+                    return self._send(
+                        400,
+                        b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed"
+                        b"</Message></Error>",
+                        content_type="application/xml",
+                    )
+                repo_id, filename = query.get("repo", [""])[0], query.get("file", [""])[0]
+                wait = hub._limited("resolvers")
+                if wait is not None:
+                    return self._send(429, b"Too Many Requests", {"Retry-After": str(wait)}, "text/plain")
+                signature = hashlib.sha256(f"{blob}{repo_id}/{filename}".encode()).hexdigest()[:16]
+                if query.get("sig", [""])[0] != signature or not (hub.root / "blobs" / blob).is_file():
+                    return self._send(
+                        403, b"<Error><Code>AccessDenied</Code></Error>", content_type="application/xml"
+                    )
+                return _serve_file(self, hub, repo_id, "", filename, blob, {"ETag": f'"{blob}"'})
+
+            do_GET = do_HEAD = lambda self: self._dispatch()
+
+        return CdnHandler
+
+
+def _serve_file(self, hub: LocalHub, repo_id: str, sha: str, filename: str, blob: str, headers: dict):
+    """Send a file (or the asked range) from disk in chunks, through the link and the test faults."""
+    path = hub.root / "blobs" / blob
+    size = path.stat().st_size
+    headers = {**headers, "Accept-Ranges": "bytes"}
+    start, end, status = 0, size - 1, 200
+    wanted = self.headers.get("Range")
+    if wanted and wanted.startswith("bytes="):
+        start_s, _, end_s = wanted[6:].partition("-")
+        start = int(start_s)
+        end = min(int(end_s) if end_s else size - 1, size - 1)
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        status = 206
+    length = max(0, end - start + 1)
+    cut_at = None
+    if status == 206 and self.command == "GET" and filename.endswith(".safetensors") and length > 4096:
+        with hub.lock:
+            hub._served_ranges += 1
+            if hub.flaky_every and hub._served_ranges % hub.flaky_every == 0:
+                cut_at = length // 2
+    flip = hub.corrupt.get(f"{repo_id}/{filename}")
+    self.send_response(status)
+    self.send_header("Content-Type", "application/octet-stream")
+    self.send_header("Content-Length", str(length))
+    for key, value in headers.items():
+        self.send_header(key, value)
+    self.end_headers()
+    if self.command == "HEAD":
+        return
+    sent = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while sent < length:
+            data = bytearray(f.read(min(IO_CHUNK, length - sent)))
+            if flip is not None and start + sent <= flip < start + sent + len(data):
+                data[flip - start - sent] ^= 0xFF
+            if cut_at is not None and sent + len(data) > cut_at:
+                data = data[: cut_at - sent]
+            hub.link.pass_bytes("down", len(data))
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                return
+            sent += len(data)
+            self.entry["bytes"] = sent
+            if cut_at is not None and sent >= cut_at:  # a connection cut half-way (flaky mode)
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
 
 
 def main() -> None:

@@ -113,13 +113,17 @@ def test_foreign_namespace_refused(hub, families):
     assert "alice/not-yours" not in hub.repos
 
 
-def test_failed_upload_leaves_no_empty_repo(hub, families):
+def test_failed_commit_keeps_the_uploads_and_a_rerun_finishes_it(hub, families):
     fam = families("llama")
     res = Residuals.from_models(fam["base"], fam["instruct"])
     hub.fail_next_commit = True
-    with pytest.raises(ResidualsError, match="empty repo alice/broken-push created by this push was deleted"):
+    with pytest.raises(
+        ResidualsError, match="alice/broken-push, created by this run, was kept without a commit"
+    ):
         res.push_to_hub("alice/broken-push", token=ALICE)
-    assert "alice/broken-push" not in hub.repos
+    assert set(hub.repos["alice/broken-push"].head[1]) == {".gitattributes"}  # nothing half-published
+    res.push_to_hub("alice/broken-push", token=ALICE)
+    assert "model.safetensors" in hub.repos["alice/broken-push"].head[1]
 
 
 def test_bin_only_repo_refused_before_download(hub, families, tmp_path):

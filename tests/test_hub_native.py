@@ -135,16 +135,18 @@ def test_merge_hub_to_hub_on_a_disk_smaller_than_one_model(
     # local disk: about two 1 MB shards plus small files, far below one input model
     assert high < 4 * 1024 * 1024 < model_bytes
     assert not list(small_disk.rglob("*.safetensors"))  # nothing of the inputs was stored
-    # the request log: ranged reads of the inputs, LFS uploads of the shards, one commit
+    # the request log: ranged reads of the inputs, Xet uploads of the shards, one commit
     commits = [r for r in log if r["method"] == "POST" and "/commit/" in r["path"]]
     assert len(commits) == 1
-    puts = [
-        r for r in log if r["method"] == "PUT" and r["path"].startswith("/lfs-upload/alice/medium-merged")
-    ]
+    # every shard went up through Xet (no LFS batch or PUT at all), each rebuilt from the CAS once
+    assert not [r for r in log if r["method"] == "PUT" or "lfs/objects" in r["path"]]
+    assert [r for r in log if "/xet-write-token/" in r["path"]]
+    rebuilt = [r for r in log if r["method"] == "XET"]
     index = json.loads(hub.blob_path("alice/medium-merged", "model.safetensors.index.json").read_text())
-    assert len(puts) == len(set(index["weight_map"].values())) > 2
-    reads = [r for r in log if r["method"] == "GET" and r["path"].endswith(".safetensors")]
-    assert reads and all(r["range"] for r in reads)
+    assert len(rebuilt) == len(set(index["weight_map"].values())) > 2
+    # weights are read by range from the CDN the Hub redirects to, which never sees a token
+    reads = [r for r in log if r["method"] == "GET" and r["path"].startswith("cdn:")]
+    assert reads and all(r["range"] for r in reads) and not any(r["token"] for r in reads)
     downloaded = sum(r["bytes"] for r in reads)
     assert downloaded < 1.1 * 3 * model_bytes  # each input about once (+ headers)
     print("\nrequest log of one Hub→Hub merge:")
@@ -219,20 +221,48 @@ def test_rerun_after_a_failed_commit_uploads_no_shard_twice(hub, medium_on_hub):
         merge_models(
             h["base"], h["instruct"], h["target"], push_to="alice/resumed", token=ALICE, max_shard_size="1MB"
         )
-    first = hub.requests("PUT", "/lfs-upload/alice/resumed")
-    assert len(first) > 2
+    stored = hub.cas_bytes()
+    assert stored > 3_000_000  # the shards went up through Xet
     result = merge_models(
         h["base"], h["instruct"], h["target"], push_to="alice/resumed", token=ALICE, max_shard_size="1MB"
     )
-    assert len(hub.requests("PUT", "/lfs-upload/alice/resumed")) == len(first)  # nothing sent again
+    assert hub.cas_bytes() == stored  # Xet found every chunk on the Hub: nothing sent again
     assert result.url.endswith("alice/resumed") and len(hub.repos["alice/resumed"].commits) == 2
 
 
-def test_a_failed_push_deletes_the_repo_it_created(hub, medium_on_hub):
+def test_a_failed_commit_keeps_the_created_repo_for_a_resume(hub, medium_on_hub):
+    """A commit refused after the uploads costs one commit, not the upload: the repo stays, says so, and
+    the same command finishes it without sending the shards again."""
     h = medium_on_hub
     hub.fail_next_commit = True
-    with pytest.raises(ResidualsError, match="empty repo alice/gone created by this push was deleted"):
-        merge_models(h["base"], h["instruct"], h["target"], push_to="alice/gone", token=ALICE)
+    with pytest.raises(
+        ResidualsError, match=r"alice/kept, created by this run, was kept.*Run the same command"
+    ):
+        merge_models(
+            h["base"], h["instruct"], h["target"], push_to="alice/kept", token=ALICE, max_shard_size="1MB"
+        )
+    assert "alice/kept" in hub.repos and set(hub.repos["alice/kept"].head[1]) == {".gitattributes"}
+    stored = hub.cas_bytes()
+    merge_models(
+        h["base"], h["instruct"], h["target"], push_to="alice/kept", token=ALICE, max_shard_size="1MB"
+    )
+    assert hub.cas_bytes() == stored
+    assert any(p.endswith(".safetensors") for p in hub.repos["alice/kept"].head[1])
+
+
+def test_a_push_stopped_on_purpose_deletes_the_repo_it_created(hub, medium_on_hub):
+    from residuals_core.errors import Cancelled
+
+    def stop(done, total, name):
+        if done >= total // 2:
+            raise Cancelled("The job was cancelled.", "Run it again when you want.")
+
+    h = medium_on_hub
+    with pytest.raises(Cancelled):
+        merge_models(
+            h["base"], h["instruct"], h["target"], push_to="alice/gone", token=ALICE, max_shard_size="1MB",
+            progress=stop,
+        )  # fmt: skip
     assert "alice/gone" not in hub.repos
 
 
