@@ -33,6 +33,7 @@ from residuals_core import (
 from residuals_core.demo import DEMO_FAMILY, EOS, QUESTIONS, World, expected_reply, question_of, score_reply
 from residuals_core.demo import generate as demo_generate
 from residuals_core.demo import prompt as demo_prompt
+from residuals_core.errors import Cancelled
 from residuals_core.generation import complete, generation_dtype, load_causal_lm
 from residuals_core.hosting import (
     SESSION_MERGED,
@@ -232,7 +233,7 @@ def heavy_job(workspace: dict[str, Any], progress: gr.Progress, label: str):
 
     def report(done: int, total: int, name: str) -> None:
         if (folder / CANCEL).exists():
-            raise ResidualsError(
+            raise Cancelled(
                 "The job was cancelled.", "Nothing it wrote was kept; run it again when you want."
             )
         progress(0.9 * done / max(total, 1), desc=f"{label}: {done}/{total} tensors ({name})")

@@ -406,7 +406,15 @@ class _hub_read_errors:
         from huggingface_hub.errors import HfHubHTTPError
 
         if isinstance(exc, HfHubHTTPError):
+            from huggingface_hub.errors import GatedRepoError
+
             from .hub import rate_limit_wait
+
+            if isinstance(exc, GatedRepoError):
+                raise ResidualsError(
+                    f"{self.label} is in a gated repo: your account has not been granted access.",
+                    "Accept its conditions on the model page, then use a token (or a login) of that account.",
+                ) from exc
 
             status = exc.response.status_code if exc.response is not None else None
             if status == 429:
