@@ -14,8 +14,9 @@ if [ "${1:-}" = "--min-versions" ]; then
     $VENV/bin/python -m pip install -q "torch==2.13.0"
     $VENV/bin/python -m pip install -q -r requirements-min.txt
     $VENV/bin/python -m pip install -q --no-deps -e .
+    sed 's/\[[^]]*\]//' requirements-min.txt > $VENV/constraints.txt  # constraints take no extras
     $VENV/bin/python -m pip install -q "pytest>=8" "ruff==0.17.6" "residuals==0.3.2" "psutil>=5.9" "playwright>=1.45" \
-        -c requirements-min.txt
+        -c $VENV/constraints.txt
 else
     bash scripts/setup_env.sh
 fi
