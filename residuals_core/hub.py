@@ -96,15 +96,24 @@ def rate_limit_wait(response) -> tuple[float, str] | None:
     return (float(retry_after) if retry_after.isdigit() else 10.0), "requests"
 
 
-def say_wait(seconds: float, what: str, attempt: int, attempts: int) -> None:
-    """Tell the user why nothing moves (the CLI prints these warnings; the Space shows them)."""
+def wait_out(wait: tuple[float, str], attempt: int, attempts: int) -> None:
+    """Sleep until a rate limit resets, saying why nothing moves (the CLI prints these warnings)."""
+    seconds = min(wait[0] + 1, MAX_RATE_LIMIT_WAIT_S)
     log.warning(
-        "The Hub is rate-limiting %s (its '%s' limit): waiting %.0f s before trying again (%d of %d).",
-        "this run",
-        what,
+        "The Hub is rate-limiting this run (its '%s' limit): waiting %.0f s before trying again (%d of %d).",
+        wait[1],
         seconds,
         attempt,
         attempts,
+    )
+    time.sleep(seconds)
+
+
+def rate_limited_error(what: str, limit: str) -> ResidualsError:
+    """What to say once the waits ran out: a rate limit, not a wrong id or token."""
+    return ResidualsError(
+        f"The Hub kept rate-limiting {what} (its '{limit}' limit).",
+        "Wait a few minutes and run again; requests made with a token (logged in) get higher limits.",
     )
 
 
@@ -112,17 +121,15 @@ def with_rate_limits(call: Callable[[], T], *, attempts: int = RATE_LIMIT_RETRIE
     """Run a Hub API call, waiting out 429 answers as the Hub asks (said in progress) a few times."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             return call()
         except HfHubHTTPError as exc:
             wait = rate_limit_wait(exc.response)
-            if wait is None or attempt == attempts:
+            if wait is None:
                 raise
-            seconds = min(wait[0] + 1, MAX_RATE_LIMIT_WAIT_S)
-            say_wait(seconds, wait[1], attempt, attempts)
-            time.sleep(seconds)
-    raise AssertionError("unreachable")
+            wait_out(wait, attempt, attempts)
+    return call()
 
 
 _WHOAMI: dict[tuple[str, str], dict] = {}
@@ -159,10 +166,7 @@ def hub_errors(repo_id: str, revision: str | None):
     try:
         yield
     except GatedRepoError as exc:
-        raise ResidualsError(
-            f"{repo_id} is gated: your account has not been granted access.",
-            "Accept its licence on the model page, then pass a token (token=... / HF_TOKEN) of that account.",
-        ) from exc
+        raise hub_refusal(exc, repo_id) from exc
     except RepositoryNotFoundError as exc:
         raise ResidualsError(
             f"Model {repo_id} was not found on the Hub (or it is private).",
@@ -197,17 +201,20 @@ def hub_errors(repo_id: str, revision: str | None):
 
 
 def hub_refusal(exc, repo_id: str) -> ResidualsError:
-    """A refused Hub request in words that match its cause: rate limit, quota, scope, or the rest."""
+    """A refused Hub request in words that match its cause: gated, rate limit, quota, scope, or the rest."""
+    from huggingface_hub.errors import GatedRepoError
+
+    if isinstance(exc, GatedRepoError):
+        return ResidualsError(
+            f"{repo_id} is gated: your account has not been granted access.",
+            "Accept its licence on the model page, then pass a token (token=... / HF_TOKEN) of that account.",
+        )
     response = getattr(exc, "response", None)
     status = response.status_code if response is not None else None
     text = str(exc)
     wait = rate_limit_wait(response)
     if wait is not None:
-        return ResidualsError(
-            f"The Hub kept rate-limiting requests for {repo_id} (its '{wait[1]}' limit; it resets in about "
-            f"{wait[0]:.0f} s) after {RATE_LIMIT_RETRIES} waits.",
-            "Wait a few minutes and run again; requests made with a token (logged in) get higher limits.",
-        )
+        return rate_limited_error(f"requests for {repo_id} after {RATE_LIMIT_RETRIES} waits", wait[1])
     if status == 403 and "storage" in text.lower() and ("limit" in text.lower() or "quota" in text.lower()):
         return ResidualsError(
             f"The Hub refused to store more in {repo_id}: your private storage quota is full ({text.strip()}).",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import INDEX_NAME, read_json, select_weight_files
 from .errors import ResidualsError
 from .hub import hub_errors, is_hub_id, with_rate_limits
 
@@ -29,7 +30,6 @@ JOB_LINK_BYTES_PER_S = 100e6
 JOB_START_S = 3 * 60  # pulling the image, starting Python
 TIMEOUT_FACTOR, TIMEOUT_MARGIN_S = 2.0, 10 * 60  # timeout = 2 x the estimate + 10 min ...
 MAX_TIMEOUT_S = 48 * 3600  # ... at most two days
-FINAL_STAGES = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
 _JOB_URL = re.compile(r"^(?:https?://[^/]+)?/?(?:jobs/)?(?:(?P<owner>[\w.\-]+)/)?(?P<id>[0-9a-zA-Z]+)/?$")
 
 
@@ -95,17 +95,28 @@ def parse_job_ref(text: str) -> tuple[str | None, str]:
 
 
 def _model_bytes(name: str, token: str | None) -> int:
-    """Bytes of a model's weight files: from the Hub's file listing, or a local folder (a demo model)."""
-    from huggingface_hub import HfApi
+    """Bytes of the weight files a run reads, by the one weight-file rule: from the Hub's file listing
+    (the index fetched if there is one), or a local folder (a demo model)."""
+    from huggingface_hub import HfApi, hf_hub_download
 
     if not is_hub_id(name):
         folder = Path(name).expanduser()
-        return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+        if not folder.is_dir():
+            return 0
+        sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        files = select_weight_files(list(sizes), lambda: read_json(folder / INDEX_NAME), name)
+        return sum(sizes[f] for f in files)
     repo_id = name.removeprefix("hf://")
     api = HfApi(token=token)
     with hub_errors(repo_id, None):
         info = with_rate_limits(lambda: api.model_info(repo_id, files_metadata=True))
-    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or [] if "/" not in s.rfilename}
+
+        def index() -> dict:  # fetched only when the repo has one
+            return read_json(Path(hf_hub_download(repo_id, INDEX_NAME, revision=info.sha, token=token)))
+
+        files = select_weight_files(list(sizes), index, repo_id)
+    return sum(sizes[f] for f in files)
 
 
 def plan_job(argv: list[str], *, token: str | None, timeout: str | int | None = None) -> JobPlan:

@@ -382,6 +382,7 @@ class HubRepoSink(Sink):
         self.uploaded = 0  # weight files the Hub holds for this run (resumable)
         self._api = None
         self._created = False
+        self._commit_tried = False  # only then can a failed run's commit have landed all the same
         self._operations: list = []
         self._slots = threading.Semaphore(UPLOAD_SLOTS)
         self._queue: queue.Queue[tuple[Path, str, str | None, bool] | None] = queue.Queue()
@@ -571,6 +572,7 @@ class HubRepoSink(Sink):
             for p in sorted(self.path.rglob("*"))
             if p.is_file() and p.relative_to(self.path).as_posix() not in shards
         ]
+        self._commit_tried = True
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 self._api.create_commit(
@@ -606,7 +608,7 @@ class HubRepoSink(Sink):
     def _discard(self, *, deliberate: bool) -> str:
         """After a failure: say what is left. A repo this run created goes only when nothing was uploaded
         to it or the run was stopped on purpose; otherwise it keeps the uploads for a resume."""
-        if self._landed():
+        if self._commit_tried and self._landed():
             return f"The result was committed to {self.repo_id} all the same."
         if not self._created:
             return f"The existing repo {self.repo_id} was left as it was (no commit was made)" + (

@@ -160,10 +160,9 @@ class HubFile(ByteReader):
                 hf_raise_for_status(response)
         except _RetryableRead as exc:
             if exc.rate_limit is not None:
-                raise ResidualsError(
-                    f"The Hub kept rate-limiting reads of {self.label} (its '{exc.rate_limit[1]}' limit).",
-                    "Wait a few minutes and run again; logged-in requests (a token) get higher limits.",
-                ) from exc
+                from .hub import rate_limited_error
+
+                raise rate_limited_error(f"reads of {self.label}", exc.rate_limit[1]) from exc
             raise ResidualsError(
                 f"The Hub kept failing to send {self.label} ({exc}).", "Try again later."
             ) from exc
@@ -351,22 +350,19 @@ class _Stream:
                 limited = getattr(exc, "rate_limit", None)
                 if failures >= RETRIES:
                     if limited is not None:
-                        raise ResidualsError(
-                            f"The Hub kept rate-limiting reads of {file.label} (its '{limited[1]}' limit) at byte "
-                            f"{position + len(pending)} of {file.size}, after {failures} waits.",
-                            "Wait a few minutes and run again; logged-in requests (a token) get higher limits.",
-                        ) from exc
+                        from .hub import rate_limited_error
+
+                        where = f"reads of {file.label} at byte {position + len(pending)} of {file.size}"
+                        raise rate_limited_error(f"{where}, after {failures} waits", limited[1]) from exc
                     raise ResidualsError(
                         f"Reading {file.label} failed at byte {position + len(pending)} of {file.size} "
                         f"after {failures} attempts ({type(exc).__name__}: {exc}).",
                         "Check the network connection and run again.",
                     ) from exc
                 if limited is not None:  # wait as long as the Hub says, and say so
-                    from .hub import MAX_RATE_LIMIT_WAIT_S, say_wait
+                    from .hub import wait_out
 
-                    pause = min(limited[0] + 1, MAX_RATE_LIMIT_WAIT_S)
-                    say_wait(pause, limited[1], failures, RETRIES)
-                    time.sleep(pause)
+                    wait_out(limited, failures, RETRIES)
                 else:
                     time.sleep(wait)
                     wait = min(MAX_RETRY_WAIT_S, wait * 2)
@@ -408,13 +404,10 @@ class _hub_read_errors:
         if isinstance(exc, HfHubHTTPError):
             from huggingface_hub.errors import GatedRepoError
 
-            from .hub import rate_limit_wait
+            from .hub import hub_refusal, rate_limit_wait
 
             if isinstance(exc, GatedRepoError):
-                raise ResidualsError(
-                    f"{self.label} is in a gated repo: your account has not been granted access.",
-                    "Accept its conditions on the model page, then use a token (or a login) of that account.",
-                ) from exc
+                raise hub_refusal(exc, self.label) from exc
 
             status = exc.response.status_code if exc.response is not None else None
             if status == 429:

@@ -46,7 +46,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 IO_CHUNK = 256 * 1024
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 class Link:
@@ -162,6 +161,20 @@ class Job:
 def _member(user: dict, repo_id: str) -> bool:
     """Whether the user owns the repo's namespace (their own, or one of their orgs; case-insensitive)."""
     return repo_id.split("/")[0].lower() in {user["name"].lower(), *(o.lower() for o in user.get("orgs", []))}
+
+
+def _log_request(hub: LocalHub, handler: BaseHTTPRequestHandler, path: str) -> dict:
+    """Record a request (the entry's bytes are filled in as a body is served)."""
+    entry = {
+        "method": handler.command,
+        "path": path,
+        "range": handler.headers.get("Range"),
+        "bytes": 0,
+        # which token a request carried: tests check whose credentials reach the Hub
+        "token": (handler.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or None,
+    }
+    hub.log.append(entry)
+    return entry
 
 
 def _now() -> str:
@@ -462,18 +475,7 @@ class LocalHub:
             def _dispatch(self):
                 parsed = urlparse(self.path)
                 path = unquote(parsed.path)
-                self.query = parse_qs(parsed.query)
-                entry = {
-                    "method": self.command,
-                    "path": path,
-                    "range": self.headers.get("Range"),
-                    "bytes": 0,
-                    # which token a request carried: tests check whose credentials reach the Hub
-                    "token": (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
-                    or None,
-                }
-                hub.log.append(entry)
-                self.entry = entry
+                self.entry = _log_request(hub, self, path)
                 parts = path.strip("/").split("/")
                 if self.command == "PUT" and parts[0] == "lfs-upload":  # streamed to disk, outside the lock
                     return self._lfs_put("/".join(parts[1:3]), parts[3])
@@ -992,16 +994,7 @@ class LocalHub:
                 parsed = urlparse(self.path)
                 query = parse_qs(parsed.query)
                 blob = parsed.path.strip("/")
-                entry = {
-                    "method": self.command,
-                    "path": f"cdn:{parsed.path}",
-                    "range": self.headers.get("Range"),
-                    "bytes": 0,
-                    "token": (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
-                    or None,
-                }
-                hub.log.append(entry)
-                self.entry = entry
+                self.entry = _log_request(hub, self, f"cdn:{parsed.path}")
                 if self.headers.get("Authorization"):
                     return self._send(
                         400,
