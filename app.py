@@ -56,7 +56,7 @@ ON_SPACE = bool(os.environ.get("SPACE_ID"))
 HEAVY_JOBS = int(os.environ.get("STUDIO_CONCURRENCY", "1"))  # heavy jobs running at once, all sessions
 QUEUE_SIZE = int(os.environ.get("STUDIO_QUEUE_SIZE", "16"))  # events waiting at most
 MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
-POLICY = InputPolicy(on_space=ON_SPACE, demo_family=DEMO_FAMILY)
+POLICY = InputPolicy(on_space=ON_SPACE)
 LIMITS = HostLimits.from_environment(os.environ)
 JOB_OFFER_SECONDS = float(os.environ.get("STUDIO_JOB_OFFER_MINUTES", "10")) * 60  # beyond: suggest a Job
 # (base, instruct, target): one version's instruction residuals onto another version's base, same shapes

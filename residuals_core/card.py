@@ -10,6 +10,27 @@ from huggingface_hub import ModelCard, ModelCardData
 from .config import ResidualsConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]|!~#])")
+
+
+def _one_line(text: object) -> str:
+    """Whitespace (newlines included) collapsed and control characters dropped: a name stays on its line."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+
+
+def code_span(text: object) -> str:
+    """Any text, e.g. a name a stranger's repo chose, as one inline code span: Markdown makes no link,
+    image, heading or new line of it (a fence longer than any run of backticks inside)."""
+    flat = _one_line(text)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", flat)), default=0) + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{fence}{pad}{flat}{pad}{fence}"
+
+
+def markdown_text(text: object) -> str:
+    """Text (which may quote foreign names) as Markdown that renders exactly that text on one line."""
+    flat = _MARKDOWN_SPECIALS.sub(r"\\\1", _one_line(text))
+    return flat.replace("<", "&lt;").replace(">", "&gt;")
 
 
 def hub_id_or_none(name: str | None) -> str | None:
@@ -31,7 +52,7 @@ def _notes(notes: list[str] | None) -> str:
     """What the run decided that a user of the result must know (e.g. how vocabulary rows were filled)."""
     if not notes:
         return ""
-    return "## Notes\n\n" + "\n".join(f"- {note}" for note in notes) + "\n\n"
+    return "## Notes\n\n" + "\n".join(f"- {markdown_text(note)}" for note in notes) + "\n\n"
 
 
 def _layer_table(summary: dict[str, Any] | None, limit: int = 64) -> str:
@@ -107,7 +128,9 @@ def residuals_card(
         relation=config.base_model_relation,
     )
     lineage = (
-        f"`{instruct}` − `{base}`" if base and instruct else "an instruction-tuned model minus its base model"
+        f"{code_span(instruct)} − {code_span(base)}"
+        if base and instruct
+        else "an instruction-tuned model minus its base model"
     )
     recon = ""
     if reconstruction:
@@ -122,7 +145,7 @@ def residuals_card(
                 f"(max abs error {reconstruction['max_abs_error']:.3g})."
             )
     body = f"""
-# Instruction residuals: {instruct or "instruct"} − {base or "base"}
+# Instruction residuals: {code_span(instruct or "instruct")} − {code_span(base or "base")}
 
 Instruction residuals (a task vector, Ilharco et al. 2022; Jindal et al. 2024): the tensor-by-tensor
 difference {lineage}. Add them to a continued-pre-trained (CPT) version of the base model to regain
@@ -150,8 +173,8 @@ res = Residuals.from_pretrained("{name}")
 
 ## Lineage
 
-- Base model: `{base}`
-- Instruction model: `{instruct}`
+- Base model: {code_span(base)}
+- Instruction model: {code_span(instruct)}
 - Storage dtype: {config.dtype}
 - Tensors: {config.param_count}
 - Shapes hash: `{config.shapes_hash}`
@@ -191,7 +214,7 @@ def merged_card(
 ) -> ModelCard:
     data = merged_card_data(target=target, instruct=instruct, license=license, language=language)
     body = f"""
-# {name}: `{target}` + {scale:g} × instruction residuals
+# {markdown_text(name)}: {code_span(target)} + {scale:g} × instruction residuals
 
 Made with task arithmetic: θ = θ_target + α·(θ_instruct − θ_base), tensor by tensor in float32,
 following Jindal et al. 2024 (instruction residuals regain instruction following after continued
@@ -208,10 +231,10 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 
 ## Lineage
 
-- Target (e.g. continued-pre-trained base): `{target}`
-- Instruction model: `{instruct}`
-- Base model the residuals were taken from: `{base}`
-- Residuals: `{residuals or "computed on the fly (one-pass merge)"}`
+- Target (e.g. continued-pre-trained base): {code_span(target)}
+- Instruction model: {code_span(instruct)}
+- Base model the residuals were taken from: {code_span(base)}
+- Residuals: {code_span(residuals) if residuals else "computed on the fly (one-pass merge)"}
 - α (scale): {scale:g}
 - Storage dtype: {dtype}
 

@@ -330,9 +330,12 @@ class TensorSource:
 class Checkpoint(TensorSource):
     """A checkpoint (a folder, or a Hub repo at one commit) seen through its headers.
 
-    `folder` holds its small files (config, tokenizer, card): the folder itself, or for a Hub
-    repo a cache folder with only those; `readers` read the weight files' bytes.
+    `folder` holds its small files (config, tokenizer, index, manifest): the folder itself, or for
+    a Hub repo a cache folder with only those (`small_file_bytes` of them); `readers` read the
+    weight files' bytes.
     """
+
+    small_file_bytes: int = 0  # downloaded to open a Hub repo (a local folder's are already here)
 
     def __init__(
         self,

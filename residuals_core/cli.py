@@ -57,6 +57,17 @@ def _size(text: str) -> str:
     return text
 
 
+def _model(text: str) -> str:
+    """A model argument: a folder, a Hub id (`hf://` for one that must not be read as a folder), or a
+    bundled demo model by its name (`demo:base-v1`)."""
+    from .demo import demo_model
+
+    try:
+        return demo_model(text)
+    except ResidualsError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem} {exc.fix}") from None
+
+
 def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     if out:
         where = p.add_mutually_exclusive_group(required=True)
@@ -128,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m residuals_core",
         description="Instruction residuals (task vectors): R = instruct − base, computed and applied one "
-        "tensor at a time, so 8B models fit in a few hundred MB of RAM. Models are local folders or Hub ids.",
+        "tensor at a time, so 8B models fit in a few hundred MB of RAM. Models are local folders, Hub ids (hf://org/name to never read a folder), or demo:NAME for the "
+        "bundled demo family.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -140,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="residuals = instruct − base, saved as a residuals folder",
         description="Compute R = instruct − base and save it (weights, tokenizer, config, model card).",
     )
-    p.add_argument("--base", required=True, help="base model (folder or Hub id)")
-    p.add_argument("--instruct", required=True, help="instruction-tuned model (folder or Hub id)")
+    p.add_argument("--base", required=True, type=_model, help="base model (folder or Hub id)")
+    p.add_argument(
+        "--instruct", required=True, type=_model, help="instruction-tuned model (folder or Hub id)"
+    )
     p.add_argument(
         "--dtype",
         default="float32",
@@ -159,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="DARE and/or magnitude trimming of an existing residuals folder",
         description="Drop (DARE) or trim (TIES-style) the elements of residuals, into an ordinary residuals folder.",
     )
-    p.add_argument("--residuals", required=True, help="residuals folder or Hub id (from compute)")
+    p.add_argument(
+        "--residuals", required=True, type=_model, help="residuals folder or Hub id (from compute)"
+    )
     _sparsity_options(p)
     _common(p)
 
@@ -168,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="model + scale × residuals, saved as a model folder",
         description="Add scale × residuals to a model (e.g. your continued-pre-trained base).",
     )
-    p.add_argument("--residuals", required=True, help="residuals folder or Hub id (from compute)")
-    p.add_argument("--model", required=True, help="model to apply them to (folder or Hub id)")
+    p.add_argument(
+        "--residuals", required=True, type=_model, help="residuals folder or Hub id (from compute)"
+    )
+    p.add_argument("--model", required=True, type=_model, help="model to apply them to (folder or Hub id)")
     p.add_argument("--scale", type=float, default=1.0, help="α in model + α·R (default 1.0)")
     p.add_argument("--dtype", default=None, help="output dtype (default: the model's own)")
     _common(p)
@@ -179,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="target + scale × (instruct − base) in one pass",
         description="One pass: target + scale × (instruct − base); no residuals are written.",
     )
-    p.add_argument("--base", required=True, help="base model the instruct model was tuned from")
-    p.add_argument("--instruct", required=True, help="instruction-tuned model")
-    p.add_argument("--target", required=True, help="model to add the difference to (e.g. your CPT'd base)")
+    p.add_argument("--base", required=True, type=_model, help="base model the instruct model was tuned from")
+    p.add_argument("--instruct", required=True, type=_model, help="instruction-tuned model")
+    p.add_argument(
+        "--target", required=True, type=_model, help="model to add the difference to (e.g. your CPT'd base)"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="α (default 1.0)")
     p.add_argument("--dtype", default=None, help="output dtype (default: the target's own)")
     _common(p)
@@ -194,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         "in float32. Norms are left out (the card says how much of ‖R‖² they hold).",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--residuals", help="residuals folder or Hub id (from compute)")
-    source.add_argument("--base", help="base model: export instruct − base without writing residuals")
-    p.add_argument("--instruct", help="with --base: the instruction-tuned model")
+    source.add_argument("--residuals", type=_model, help="residuals folder or Hub id (from compute)")
+    source.add_argument(
+        "--base", type=_model, help="base model: export instruct − base without writing residuals"
+    )
+    p.add_argument("--instruct", type=_model, help="with --base: the instruction-tuned model")
     cut = p.add_mutually_exclusive_group(required=True)
     cut.add_argument("--rank", type=int, help="rank of every adapted matrix, e.g. 8")
     cut.add_argument(

@@ -16,10 +16,32 @@ from typing import Any
 
 import torch
 
+from .errors import ResidualsError
 from .generation import complete
 
 DEMO_FAMILY = Path(__file__).resolve().parent.parent / "assets" / "demo-family"
+DEMO_PREFIX = "demo:"  # `demo:base-v1` names a model of the bundled family, wherever it is installed
+DEMO_MODELS = ("base-v1", "instruct-v1", "base-v2")
 EOS = "</s>"
+
+
+def demo_model(reference: str) -> str:
+    """The folder of a `demo:NAME` reference; any other reference as it is.
+
+    The name, not the folder, is what travels (in a job's command line, on a page): the folder
+    is wherever this installation keeps the family.
+    """
+    if not reference.startswith(DEMO_PREFIX):
+        return reference
+    name = reference.removeprefix(DEMO_PREFIX)
+    if name not in DEMO_MODELS:
+        raise ResidualsError(
+            f"{reference!r} is not a model of the demo family.",
+            "The demo family holds " + ", ".join(DEMO_PREFIX + m for m in DEMO_MODELS) + ".",
+        )
+    return str(DEMO_FAMILY / name)
+
+
 # Prose paraphrases, every one ending on the value: after a value the prose only ever has ".", so
 # a one-word reply is not pulled into a template's tail. The "Asked ..., people say:" paraphrase puts
 # the value a few words after the name, as a question's answer does, which lets instruction tuning

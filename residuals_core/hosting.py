@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
+from .demo import DEMO_MODELS, DEMO_PREFIX, demo_model
 from .errors import ResidualsError
 from .hub import HUB_PREFIX, looks_like_local_path
 
-DEMO_PREFIX = "demo:"
 SESSION_RESIDUALS = "this session's residuals"
 SESSION_MERGED = "this session's merged model"
 MAX_NAME_LENGTH = 200  # Hub ids are at most 96 characters; anything longer is not a model name
@@ -28,8 +27,6 @@ class InputPolicy:
     """How a typed model name becomes something the engine opens, for one kind of host."""
 
     on_space: bool
-    demo_family: Path
-    demo_models: tuple[str, ...] = field(default=("base-v1", "instruct-v1", "base-v2"))
 
     def demo_name(self, model: str) -> str:
         return DEMO_PREFIX + model
@@ -45,13 +42,7 @@ class InputPolicy:
                 self._what_to_give(),
             )
         if name.startswith(DEMO_PREFIX):
-            model = name.removeprefix(DEMO_PREFIX)
-            if model not in self.demo_models:
-                raise ResidualsError(
-                    f"{name!r} is not a model of the demo family.",
-                    "The demo family holds " + ", ".join(self.demo_name(m) for m in self.demo_models) + ".",
-                )
-            return str(self.demo_family / model)
+            return demo_model(name)
         if name in (SESSION_RESIDUALS, SESSION_MERGED):
             found = (session or {}).get(name)
             if not found:
@@ -81,7 +72,7 @@ class InputPolicy:
         return bare
 
     def _what_to_give(self) -> str:
-        demo = ", ".join(self.demo_name(m) for m in self.demo_models)
+        demo = ", ".join(self.demo_name(m) for m in DEMO_MODELS)
         if self.on_space:
             return (
                 f"Give a Hub model id such as Qwen/Qwen2.5-0.5B, a demo model ({demo}), or "

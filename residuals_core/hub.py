@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +30,7 @@ from .checkpoint import (
 )
 from .errors import ResidualsError
 from .sources import DEFAULT_READ_AHEAD_BYTES
+from .tokenizer import TOKENIZER_FILES
 
 T = TypeVar("T")
 log = logging.getLogger("residuals_core")
@@ -37,22 +39,41 @@ RATE_LIMIT_RETRIES = 6  # waits for a rate limit to reset before a call gives up
 MAX_RATE_LIMIT_WAIT_S = 330  # the Hub's windows are 5 minutes
 
 HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
-META_PATTERNS = [
+# The small files the engine reads from a Hub model, by name: nothing else of a repo is fetched
+# (a repo's README, extra tokenizer dumps or notebooks are never needed to stream its weights).
+SMALL_FILES = (
     "config.json",
     "generation_config.json",
     "residuals_manifest.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-    "README.md",
-    "model.safetensors.index.json",
-]
+    INDEX_NAME,
+    *TOKENIZER_FILES,
+)
+SMALL_FILE_PATTERNS = ("*.tiktoken",)
+META_PATTERNS = [*SMALL_FILES, *SMALL_FILE_PATTERNS]
+DEFAULT_MAX_SMALL_FILE_BYTES = 100 * 10**6  # a real tokenizer.json is at most a few tens of MB
+
+
+def small_files_of(repo_id: str, siblings: list, max_bytes: int) -> dict[str, int]:
+    """{file: size} of the small files a Hub model has, sizes from its tree listing; refused beyond `max_bytes`.
+
+    The cap is checked before anything is downloaded, so a repo cannot make a look at its headers
+    cost gigabytes of disk by calling a huge file `tokenizer.json`.
+    """
+    chosen = {}
+    for sibling in siblings:
+        name = sibling.rfilename
+        if "/" in name or not (name in SMALL_FILES or any(fnmatch(name, p) for p in SMALL_FILE_PATTERNS)):
+            continue
+        size = sibling.size if sibling.size is not None else (sibling.lfs.size if sibling.lfs else 0)
+        if size > max_bytes:
+            raise ResidualsError(
+                f"{repo_id}'s {name} is {size / 1e6:,.1f} MB, more than the {max_bytes / 1e6:,.0f} MB a "
+                "model's config or tokenizer file may be here, so it was not downloaded.",
+                "This is not a usual model repo: choose another model (or, with the library, raise "
+                "max_small_file_bytes if you trust this one).",
+            )
+        chosen[name] = size
+    return chosen
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -237,12 +258,14 @@ def open_hub_model(
     cache_dir: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
+    max_small_file_bytes: int = DEFAULT_MAX_SMALL_FILE_BYTES,
 ) -> Checkpoint:
     """A Hub model at one commit: small files fetched, headers by ranged reads, weights streamed later.
 
-    Only config, tokenizer, index and card files land in `cache_dir`; weight files are read as
-    they stream (sha256 checked). Pickled weights (only with `allow_pickle`) have no header to
-    read remotely and cannot be streamed, so they are downloaded.
+    Only config, tokenizer, index and manifest files land in `cache_dir`, each at most
+    `max_small_file_bytes` by the tree listing; weight files are read as they stream (sha256
+    checked). Pickled weights (only with `allow_pickle`) have no header to read remotely and
+    cannot be streamed, so they are downloaded.
     """
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
@@ -251,9 +274,10 @@ def open_hub_model(
     with hub_errors(repo_id, revision):
         info = with_rate_limits(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
         commit = info.sha
+        small = small_files_of(repo_id, info.siblings or [], max_small_file_bytes)
         folder = Path(
             snapshot_download(
-                repo_id, revision=commit, token=token, cache_dir=cache_dir, allow_patterns=META_PATTERNS
+                repo_id, revision=commit, token=token, cache_dir=cache_dir, allow_patterns=list(small)
             )
         )
         locations = hub_weight_locations(
@@ -270,7 +294,7 @@ def open_hub_model(
             return PickleCheckpoint(repo_id, folder, files, config)
         listing = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
         indexed = any(name == INDEX_NAME for name in listing)
-        return Checkpoint.open_hub(
+        checkpoint = Checkpoint.open_hub(
             repo_id,
             folder,
             locations,
@@ -280,6 +304,8 @@ def open_hub_model(
             if indexed
             else None,
         )
+        checkpoint.small_file_bytes = sum(small.values())
+        return checkpoint
 
 
 def resolve_model_folder(
@@ -288,6 +314,7 @@ def resolve_model_folder(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    max_small_file_bytes: int = DEFAULT_MAX_SMALL_FILE_BYTES,
 ) -> Path:
     """A local folder as is, or a Hub id downloaded whole into the cache (for transformers to load).
 
@@ -299,7 +326,9 @@ def resolve_model_folder(
     if not is_hub_id(name):
         _check_local_name(name)
         return Path(name).expanduser()
-    with open_hub_model(name, revision=revision, token=token, cache_dir=cache_dir) as checkpoint:
+    with open_hub_model(
+        name, revision=revision, token=token, cache_dir=cache_dir, max_small_file_bytes=max_small_file_bytes
+    ) as checkpoint:
         files = list(checkpoint.readers)
         commit = next(iter(checkpoint.readers.values())).location.commit
     with hub_errors(name, revision):

@@ -99,8 +99,10 @@ def _model_bytes(name: str, token: str | None) -> int:
     (the index fetched if there is one), or a local folder (a demo model)."""
     from huggingface_hub import HfApi, hf_hub_download
 
+    from .demo import demo_model
+
     if not is_hub_id(name):
-        folder = Path(name).expanduser()
+        folder = Path(demo_model(name)).expanduser()
         if not folder.is_dir():
             return 0
         sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}

@@ -78,6 +78,7 @@ def open_model(
                 cache_dir=options.cache_dir,
                 allow_pickle=options.allow_pickle,
                 read_ahead_bytes=options.read_ahead_bytes,
+                max_small_file_bytes=options.max_small_file_bytes,
             )
         folder = hub.resolve_model_folder(name)
         checkpoint = Checkpoint.open(folder, allow_pickle=options.allow_pickle)
@@ -609,14 +610,22 @@ def check_compatibility(
 def inspect_residuals(
     path: str | os.PathLike,
     *,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    options: Options | None = None,
+    **option_overrides: Any,
 ) -> dict[str, Any]:
-    """Per-layer and per-module norms of a residuals (or merged) folder or Hub repo."""
-    checkpoint, config = open_residuals(path, options=Options(token=token, cache_dir=cache_dir))
+    """Per-layer and per-module norms of a residuals folder or Hub repo, computed from its weights.
+
+    Every norm shown is measured here (the weights are streamed once). What the repo only claims —
+    its lineage, and the per-tensor numbers of its manifest — is returned as such: `claims` counts
+    the recorded tensors and how many of their ‖R‖ match the weights; ‖θ_base‖, which the weights
+    cannot give, is taken from the manifest only for those that match.
+    """
+    options = make_options(options, option_overrides)
+    checkpoint, config = open_residuals(path, options=options)
     manifest = read_manifest(checkpoint.folder) or {}
     with checkpoint:
-        tensors = manifest.get("tensors") or stats.tensor_norms(checkpoint)
+        computed = stats.tensor_norms(checkpoint, progress=options.progress)
+    tensors, claims = stats.checked_claims(computed, manifest.get("tensors"))
     return {
         "path": str(path),
         "folder": str(checkpoint.folder),
@@ -624,6 +633,7 @@ def inspect_residuals(
         "instruct_model": config.instruct_model_name,
         "dtype": config.dtype,
         "tensors": len(tensors),
+        "claims": claims,
         "reconstruction": manifest.get("reconstruction"),
         "largest": stats.largest(tensors),
         **stats.summarize(tensors),
@@ -635,25 +645,28 @@ def compare_residuals(
     a: str | os.PathLike,
     b: str | os.PathLike,
     *,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    options: Options | None = None,
+    **option_overrides: Any,
 ) -> list[dict]:
     """Per-layer cosine similarity of two residual sets (e.g. two versions of one family)."""
-    options = Options(token=token, cache_dir=cache_dir)
+    options = make_options(options, option_overrides)
     first, _ = open_residuals(a, options=options, verify=False)
     second, _ = open_residuals(b, options=options, verify=False)
     with first, second:
-        return stats.cosine_by_layer(first, second)
+        return stats.cosine_by_layer(first, second, progress=options.progress)
 
 
-def resolve_for_generation(
-    name_or_path: str | os.PathLike,
-    *,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> str:
+def resolve_for_generation(name_or_path: str | os.PathLike, *, options: Options | None = None) -> str:
     """A local folder for transformers to load: the folder itself, or a Hub id's downloaded snapshot."""
-    return str(hub.resolve_model_folder(name_or_path, token=token, cache_dir=cache_dir))
+    options = options or Options()
+    return str(
+        hub.resolve_model_folder(
+            name_or_path,
+            token=options.token,
+            cache_dir=options.cache_dir,
+            max_small_file_bytes=options.max_small_file_bytes,
+        )
+    )
 
 
 # ---- smaller residuals -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import ResidualsError
+from .hub import DEFAULT_MAX_SMALL_FILE_BYTES
 from .sources import DEFAULT_READ_AHEAD_BYTES
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -31,8 +32,10 @@ class Options:
     - overwrite: replace an existing output folder once the new one is complete
     - fsync: flush outputs before renaming them into place; direct_io: write weights with O_DIRECT
     - token, cache_dir, allow_pickle, read_ahead_bytes: how inputs are read (cache_dir holds
-      only a Hub model's small files: config, tokenizer, card); token=False sends no token at all,
-      not even the machine's own, which is what a hosted app gives a visitor who is not logged in
+      only a Hub model's small files: config, tokenizer, index, manifest); token=False sends no
+      token at all, not even the machine's own, which is what a hosted app gives a visitor who is
+      not logged in
+    - max_small_file_bytes: the largest such small file a Hub model may have (refused beyond)
     - push_to, private: write straight into this Hub repo instead of a folder
     - work_dir: where a Hub output's shards wait for their upload (default: the temp folder)
     - progress: callback (done, total, tensor name)
@@ -48,6 +51,7 @@ class Options:
     cache_dir: str | os.PathLike | None = None
     allow_pickle: bool = False
     read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES
+    max_small_file_bytes: int = DEFAULT_MAX_SMALL_FILE_BYTES
     push_to: str | None = None
     private: bool = False
     work_dir: str | os.PathLike | None = None
@@ -56,7 +60,7 @@ class Options:
     def __post_init__(self) -> None:
         # bad values are refused when the options are made, not deep inside a run
         parse_size(self.max_shard_size)
-        for name in ("piece_bytes", "read_ahead_bytes"):
+        for name in ("piece_bytes", "read_ahead_bytes", "max_small_file_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ResidualsError(

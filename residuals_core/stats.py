@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .checkpoint import TensorSource, element_ranges
 
+Progress = Callable[[int, int, str], None]
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)\.")
 _ANY_NUMBER = re.compile(r"\.(\d+)\.")
 _MODULES = [
@@ -104,24 +105,59 @@ def summarize(tensors: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def tensor_norms(source: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) -> dict[str, dict[str, float]]:
-    """Norms of every tensor of a source, streamed (for residual folders saved without stats)."""
+def tensor_norms(
+    source: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024, progress: Progress | None = None
+) -> dict[str, dict[str, float]]:
+    """Norms of every tensor of a source, streamed; `progress(done, total, name)` after each tensor."""
     result = {}
-    for name, info in source.tensors.items():
+    for done, (name, info) in enumerate(source.tensors.items(), start=1):
         norm_sq = 0.0
         if info.numel and info.dtype.is_floating_point:
             for start, stop in element_ranges(info.numel, piece_bytes):
                 piece = source.read_elements(name, start, stop).to(torch.float64)
                 norm_sq += float(torch.sum(piece * piece))
         result[name] = {"numel": info.numel, "norm": math.sqrt(norm_sq), "reference_norm": 0.0}
+        if progress is not None:
+            progress(done, len(source.tensors), name)
     return result
 
 
-def cosine_by_layer(a: TensorSource, b: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024) -> list[dict]:
+def checked_claims(
+    computed: Mapping[str, dict[str, float]], claimed: Mapping[str, Any] | None
+) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Computed norms with the ‖θ_base‖ a manifest records, taken only where its ‖R‖ matches the weights.
+
+    A manifest is written by whoever made the repo: its numbers are claims. The weights alone give
+    ‖R‖ but not ‖θ_base‖; where the recorded ‖R‖ of a tensor equals the computed one, its recorded
+    ‖θ_base‖ is believed. Returns the norms and {claimed, matched, mismatched} tensor counts.
+    """
+    claimed = claimed if isinstance(claimed, Mapping) else {}
+    result, matched = {}, 0
+    for name, row in computed.items():
+        entry = claimed.get(name)
+        recorded = entry.get("norm") if isinstance(entry, Mapping) else None
+        reference = entry.get("reference_norm") if isinstance(entry, Mapping) else None
+        agrees = (
+            isinstance(recorded, (int, float))
+            and isinstance(reference, (int, float))
+            and math.isfinite(reference)
+            and reference >= 0
+            and math.isclose(recorded, row["norm"], rel_tol=1e-4, abs_tol=1e-6)
+        )
+        matched += agrees
+        result[name] = {**row, "reference_norm": float(reference) if agrees else 0.0}
+    return result, {"claimed": len(claimed), "matched": matched, "mismatched": len(claimed) - matched}
+
+
+def cosine_by_layer(
+    a: TensorSource, b: TensorSource, *, piece_bytes: int = 8 * 1024 * 1024, progress: Progress | None = None
+) -> list[dict]:
     """Per-layer cosine similarity of two residual sets over their common tensors (portability picture)."""
     acc: dict[str, list[float]] = {}
-    for name, info in a.tensors.items():
+    for done, (name, info) in enumerate(a.tensors.items(), start=1):
         other = b.tensors.get(name)
+        if progress is not None:
+            progress(done, len(a.tensors), name)
         if other is None or other.shape != info.shape or not info.dtype.is_floating_point:
             continue
         row = acc.setdefault(layer_label(name), [0.0, 0.0, 0.0])

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from residuals_core import ResidualsError
+from residuals_core.demo import DEMO_FAMILY
 from residuals_core.hosting import (
     SESSION_MERGED,
     SESSION_RESIDUALS,
@@ -17,14 +16,13 @@ from residuals_core.hosting import (
     visitor_token,
 )
 
-FAMILY = Path("/opt/studio/assets/demo-family")
-SPACE = InputPolicy(on_space=True, demo_family=FAMILY)
-LOCAL = InputPolicy(on_space=False, demo_family=FAMILY)
+SPACE = InputPolicy(on_space=True)
+LOCAL = InputPolicy(on_space=False)
 
 
 @pytest.mark.parametrize("policy", [SPACE, LOCAL], ids=["space", "local"])
 def test_demo_models_and_session_results_by_name(policy):
-    assert policy.resolve("demo:base-v1", role="base") == str(FAMILY / "base-v1")
+    assert policy.resolve("demo:base-v1", role="base") == str(DEMO_FAMILY / "base-v1")
     session = {SESSION_RESIDUALS: "/srv/s1/residuals", SESSION_MERGED: None}
     assert policy.resolve(SESSION_RESIDUALS, role="residuals", session=session) == "/srv/s1/residuals"
     with pytest.raises(ResidualsError, match=r"no this session's merged model yet.*Apply"):
