@@ -10,6 +10,8 @@ import os
 import shutil
 import tempfile
 import threading
+import time
+import uuid
 from inspect import isgeneratorfunction
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import spaces
 import torch
+from huggingface_hub import RepoUrl, get_token
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import get_token
 
 from residuals_core import (
     ResidualsError,
@@ -30,15 +32,23 @@ from residuals_core import (
     merge_models,
     operations,
 )
-from residuals_core.demo import DEMO_FAMILY, EOS, QUESTIONS, World, expected_reply, question_of, score_reply
+from residuals_core.card import code_span, markdown_text
+from residuals_core.demo import (
+    DEMO_FAMILY,
+    DEMO_PREFIX,
+    EOS,
+    QUESTIONS,
+    World,
+    expected_reply,
+    question_of,
+    score_reply,
+)
 from residuals_core.demo import generate as demo_generate
 from residuals_core.demo import prompt as demo_prompt
-from residuals_core.errors import Cancelled
-from residuals_core.generation import complete, generation_dtype, load_causal_lm
+from residuals_core.generation import complete, generation_dtype, load_causal_lm, prompt_length
 from residuals_core.hosting import (
     SESSION_MERGED,
     SESSION_RESIDUALS,
-    HostLimits,
     InputPolicy,
     JobEstimate,
     estimate_job,
@@ -46,19 +56,23 @@ from residuals_core.hosting import (
     visitor_fix,
     visitor_token,
 )
-from residuals_core.hub import HUB_PREFIX, is_hub_id
-from residuals_core.lora import preview_lora
+from residuals_core.hub import HUB_PREFIX, writable_repo_id
+from residuals_core.lora import preview_lora, svd_work
 from residuals_core.options import Options
+from studio.session import Session, SessionRegistry
+from studio.settings import Settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DEMO = {name: str(DEMO_FAMILY / name) for name in ("base-v1", "instruct-v1", "base-v2")}
-ON_SPACE = bool(os.environ.get("SPACE_ID"))
-HEAVY_JOBS = int(os.environ.get("STUDIO_CONCURRENCY", "1"))  # heavy jobs running at once, all sessions
-QUEUE_SIZE = int(os.environ.get("STUDIO_QUEUE_SIZE", "16"))  # events waiting at most
-MAX_ZIP_BYTES = int(float(os.environ.get("STUDIO_MAX_ZIP_BYTES", 2e9)))  # larger results: push, not zip
+SETTINGS = Settings.from_environment(os.environ)
+ON_SPACE = SETTINGS.on_space
+LIMITS = SETTINGS.limits
 POLICY = InputPolicy(on_space=ON_SPACE)
-LIMITS = HostLimits.from_environment(os.environ)
-JOB_OFFER_SECONDS = float(os.environ.get("STUDIO_JOB_OFFER_MINUTES", "10")) * 60  # beyond: suggest a Job
+# Every folder made for a visitor lives under these two roots, owned by the registry (see studio.session).
+SESSIONS = SessionRegistry(
+    Path(tempfile.gettempdir()) / "residuals-studio",
+    Path(gr.utils.get_upload_folder()) / "studio-downloads",  # served by Gradio without a copy
+    idle_seconds=SETTINGS.session_idle_seconds,
+)
 # (base, instruct, target): one version's instruction residuals onto another version's base, same shapes
 CROSS_VERSION_EXAMPLES = (
     ("Qwen/Qwen2-0.5B", "Qwen/Qwen2-0.5B-Instruct", "Qwen/Qwen2.5-0.5B"),
@@ -84,81 +98,67 @@ push the result to your own Hub account. The fields start with a tiny bundled de
 
 # ---- per-session workspace --------------------------------------------------------------------------
 def new_workspace() -> dict[str, Any]:
-    """A session's workspace; its folders are made by its first job (`_ensure_folders`)."""
-    return {"dir": None, "downloads": None, "residuals": None, "merged": None}
+    """What the page keeps per session: its key in the registry and where its results are.
 
-
-_SESSIONS: dict[str, dict[str, Any]] = {}  # session hash -> workspace, for removal when the tab closes
-_SESSIONS_LOCK = threading.Lock()
-
-
-def _ensure_folders(workspace: dict[str, Any], request: gr.Request | None) -> dict[str, Any]:
-    """Each session works in its own temporary folder, removed when the session ends.
-
-    Its zips go to a folder of their own inside Gradio's cache, so that Gradio serves them without
-    copying them into its cache (copies it would never delete) and they go with the session.
+    The folders themselves belong to `SESSIONS`, so no change to this state can orphan one.
     """
-    if workspace.get("dir") is None or not Path(workspace["dir"]).is_dir():
-        downloads = Path(gr.utils.get_upload_folder()) / "studio-downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        workspace["dir"] = tempfile.mkdtemp(prefix="studio-")
-        workspace["downloads"] = tempfile.mkdtemp(prefix="session-", dir=downloads)
-    if request is not None and getattr(request, "session_hash", None):
-        with _SESSIONS_LOCK:
-            _SESSIONS[request.session_hash] = workspace
-    return workspace
+    return {"session": None, "residuals": None, "merged": None, "lora": None, "job": None}
+
+
+def _session_key(workspace: dict[str, Any], request: gr.Request | None) -> str:
+    """The session's key: Gradio's session hash, or one of its own for a call made without a page."""
+    key = getattr(request, "session_hash", None) or workspace.get("session") or f"direct-{uuid.uuid4().hex}"
+    workspace["session"] = key
+    return key
+
+
+def _session(workspace: dict[str, Any], request: gr.Request | None) -> Session:
+    """The session's folders (made on its first job); refused when the session has already ended."""
+    return SESSIONS.session(_session_key(workspace, request))
+
+
+def _check_open(workspace: dict[str, Any] | None, request: gr.Request | None) -> None:
+    """A call that waited in the queue while its tab closed is refused, not run."""
+    SESSIONS.check_open(_session_key(workspace if workspace is not None else {}, request))
 
 
 def drop_workspace(workspace: dict[str, Any] | None) -> None:
-    for key in ("dir", "downloads"):
-        if workspace and workspace.get(key):
-            shutil.rmtree(workspace[key], ignore_errors=True)
+    """Gradio forgets a session's state (an hour after its tab closed): the session ends if it has not."""
+    if workspace and workspace.get("session"):
+        SESSIONS.close(workspace["session"])
 
 
 def end_session(request: gr.Request) -> None:
-    """The tab closed (Gradio keeps its state an hour longer, in case it comes back): files and models go now."""
-    with _SESSIONS_LOCK:
-        workspace = _SESSIONS.pop(request.session_hash, None)
-    drop_workspace(workspace)
-    _free_session_models(request.session_hash)
+    """The tab closed: its running job is cancelled, its queued calls refused, its files removed."""
+    SESSIONS.close(request.session_hash)
 
 
-def _session(workspace: dict[str, Any]) -> dict[str, str | None]:
+def _results(workspace: dict[str, Any]) -> dict[str, str | None]:
     return {SESSION_RESIDUALS: workspace.get("residuals"), SESSION_MERGED: workspace.get("merged")}
 
 
 def _model(text: str | None, role: str, workspace: dict[str, Any]) -> str:
     """What a model field names, by the host's rules (on a Space: Hub ids, demo models, session results)."""
-    return POLICY.resolve(text, role=role, session=_session(workspace))
+    return POLICY.resolve(text, role=role, session=_results(workspace))
 
 
-def _job_output(workspace: dict[str, Any], name: str) -> Path:
-    """Where a job writes its result; the session's previous result stays until the new one is whole."""
-    path = Path(_ensure_folders(workspace, None)["dir"]) / f"{name}.new"
-    shutil.rmtree(path, ignore_errors=True)  # a crashed job's leftover, never a result
-    return path
-
-
-def _keep(workspace: dict[str, Any], name: str, written: Path) -> Path:
+def _keep(workspace: dict[str, Any], session: Session, kind: str, written: Path) -> Path:
     """The new result replaces the session's previous one of its kind."""
-    final = written.with_name(name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(written, final)
-    workspace[name] = str(final)
+    final = session.keep(kind, written)
+    workspace[kind] = str(final)
     return final
 
 
-def _zip(folder: Path, workspace: dict[str, Any]) -> tuple[str | None, str]:
-    """The result as one zip in the session's downloads (once), or none when it is too large to serve."""
+def _zip(folder: Path, session: Session, kind: str) -> tuple[str | None, str]:
+    """The result as one zip in the session's downloads, or none when it is too large to serve."""
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    if size > MAX_ZIP_BYTES:
+    if size > SETTINGS.max_zip_bytes:
         return None, (
-            f"\n\nThe result is {_size(size)}, more than this Space zips ({_size(MAX_ZIP_BYTES)}): push it to your "
-            "Hub account below to get it out."
+            f"\n\nThe result is {_size(size)}, more than this Space zips ({_size(SETTINGS.max_zip_bytes)}): push it "
+            "to your Hub account below to get it out."
         )
-    base = Path(workspace["downloads"]) / folder.name
-    archive = shutil.make_archive(str(base), "zip", root_dir=folder)
-    return archive, f"\n\nDownload: a {_size(Path(archive).stat().st_size)} zip below."
+    archive = session.zip(folder, kind)
+    return str(archive), f"\n\nDownload: a {_size(archive.stat().st_size)} zip below."
 
 
 def ui_errors(fn):
@@ -195,12 +195,21 @@ def _token(field: str | None, oauth_token: gr.OAuthToken | None = None) -> str |
     return visitor_token(ON_SPACE, login, field)
 
 
-def _check_scale(scale: float) -> float:
+def _options(token: str | bool | None, cache_dir: str | Path | None, **more: Any) -> Options:
+    """How this Space reads models for a visitor: their token, a cache of the job's own, capped small files."""
+    return Options(
+        token=token, cache_dir=cache_dir, max_small_file_bytes=SETTINGS.max_small_file_bytes, **more
+    )
+
+
+def _check_scale(scale: Any) -> float:
     """α as the slider allows it: typed or sent values outside (0, 2] are refused, not clamped."""
     try:
         value = float(scale)
     except (TypeError, ValueError):
-        raise gr.Error(f"α must be a number, not {html.escape(repr(scale))}.") from None
+        raise gr.Error(
+            f"α must be a number between 0 and 2 (such as 1.0), not {html.escape(repr(scale))}."
+        ) from None
     if value == 0:
         raise gr.Error(
             "α = 0 adds nothing: the result would be the target model itself. Choose α > 0 (1.0 adds the residuals once)."
@@ -212,52 +221,49 @@ def _check_scale(scale: float) -> float:
     return value
 
 
-RUNNING, CANCEL = ".job-running", ".job-cancel"  # marker files in the session folder (work across processes)
-
-
 @contextlib.contextmanager
-def heavy_job(workspace: dict[str, Any], progress: gr.Progress, label: str):
-    """One heavy job per session, stoppable by Cancel, with a per-job Hub cache (small files only).
+def heavy_job(session: Session, progress: gr.Progress, label: str):
+    """One heavy job per session, stoppable by Cancel (or the session's end), with a Hub cache of its own.
 
     Yields (cache folder, progress callback). The callback maps the engine's tensors onto 0–90 % and
     raises once Cancel was pressed, so the engine stops and its sinks remove what they wrote.
     """
-    folder = Path(workspace["dir"])
-    try:
-        os.close(os.open(folder / RUNNING, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        raise gr.Error(
-            "This session is already running a job: wait for it to finish, or press Cancel."
-        ) from None
-    (folder / CANCEL).unlink(missing_ok=True)
 
     def report(done: int, total: int, name: str) -> None:
-        if (folder / CANCEL).exists():
-            raise Cancelled(
-                "The job was cancelled.", "Nothing it wrote was kept; run it again when you want."
-            )
-        progress(0.9 * done / max(total, 1), desc=f"{label}: {done}/{total} tensors ({name})")
+        session.raise_if_cancelled()
+        progress(0.9 * done / max(total, 1), desc=f"{label}: {done}/{total} tensors")
 
-    cache = folder / "hub-cache"
     try:
-        yield cache, report
+        with session.job("This session is already running a job.") as cache:
+            yield cache, report
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
-        (folder / CANCEL).unlink(missing_ok=True)
-        (folder / RUNNING).unlink(missing_ok=True)
+        SESSIONS.job_ended(session.key)
 
 
-def preflight(models: list[tuple[str, str]], token: str | bool | None, dtype: str | None) -> JobEstimate:
+def preflight(
+    models: list[tuple[str, str]],
+    token: str | bool | None,
+    dtype: str | None,
+    *,
+    writes: bool = True,
+    svd_embeddings: bool | None = None,
+    kind: str = "other",
+) -> JobEstimate:
     """What a job will read and write and about how long it takes, from headers; refused when too long.
 
     `models` are (model, role) with the output's shape taken from the last one (the target, or the
-    instruct model for compute); `dtype` is the output's, None for the target's own.
+    instruct model for compute); `dtype` is the output's, None for the target's own. `writes=False`
+    for a job that only reads (Inspect, Preview); `svd_embeddings` (True/False) for one that also
+    factorises the matrices of a LoRA export, with or without the embeddings; `kind` "merge" for
+    an apply or merge (too long here, it can run as a Job).
     """
     with scratch_cache() as cache:
-        opened = operations.open_models([(m, r) for m, r in models], Options(token=token, cache_dir=cache))
+        opened = operations.open_models(models, _options(token, cache))
     try:
         shape_from = opened[-1]
-        if dtype is None:
+        if not writes:
+            write = 0
+        elif dtype is None:
             write = shape_from.total_bytes
         else:
             itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
@@ -265,11 +271,13 @@ def preflight(models: list[tuple[str, str]], token: str | bool | None, dtype: st
                 t.numel * (itemsize if t.dtype.is_floating_point else t.dtype.itemsize)
                 for t in shape_from.tensors.values()
             )
-        estimate = estimate_job([(c.total_bytes, c.remote) for c in opened], write, LIMITS)
+        work = svd_work(shape_from.tensors, embeddings=svd_embeddings) if svd_embeddings is not None else 0.0
+        reads = [(c.total_bytes + c.small_file_bytes, c.remote) for c in opened]
+        estimate = estimate_job(reads, write, LIMITS, svd_work=work)
     finally:
         for checkpoint in opened:
             checkpoint.close()
-    refuse_if_too_long(estimate, LIMITS)
+    refuse_if_too_long(estimate, LIMITS, kind=kind)
     return estimate
 
 
@@ -282,21 +290,20 @@ def scratch_cache():
 
 
 def _job_hint(estimate: JobEstimate) -> str:
-    """Beyond what this Space should take on (STUDIO_JOB_OFFER_MINUTES), the way out: a Job on your account."""
-    if estimate.seconds <= JOB_OFFER_SECONDS:
+    """Beyond what this Space should take on (STUDIO_JOB_OFFER_MINUTES), the way out for a merge: a Job."""
+    if estimate.seconds <= SETTINGS.job_offer_seconds:
         return ""
     return (
-        f"\n- ⏱ that is more than {JOB_OFFER_SECONDS / 60:.0f} min: consider **Run as a Job on my account** "
-        "(Apply tab, under the one-pass merge), which runs it on your own hardware and pushes the result."
+        f"\n- ⏱ that is more than {SETTINGS.job_offer_seconds / 60:.0f} min: the **one-pass merge** of these "
+        "residuals onto your CPT'd base can run as a Job on your account (Apply tab, *Run as a Job on my "
+        "account*), which needs no residuals written here."
     )
 
 
-def cancel_job(workspace: dict[str, Any]) -> str:
+def cancel_job(workspace: dict[str, Any], request: gr.Request | None = None) -> str:
     """Ask the session's running job to stop: it does so at its next tensor and removes what it wrote."""
-    folder = workspace.get("dir")
-    if not folder or not Path(folder, RUNNING).exists():
+    if not _session(workspace, request).cancel():
         return "No job is running in this session."
-    Path(folder, CANCEL).touch()
     return "Cancelling: the job stops at its next tensor and removes what it wrote."
 
 
@@ -306,7 +313,7 @@ def _gpu_seconds(*args, **kwargs) -> int:
     The fields are read by the same rules and with the same token as the job itself.
     """
     values = [*args, *kwargs.values()]
-    workspace = next((v for v in values if isinstance(v, dict) and "dir" in v), {})
+    workspace = next((v for v in values if isinstance(v, dict) and "session" in v), {})
     oauth = next((v for v in values if isinstance(v, gr.OAuthToken)), None)
     token = _token(None, oauth)
     size = 0
@@ -317,9 +324,7 @@ def _gpu_seconds(*args, **kwargs) -> int:
             with (
                 scratch_cache() as cache,
                 operations.open_model(
-                    _model(value, "input", workspace),
-                    role="input",
-                    options=Options(token=token, cache_dir=cache),
+                    _model(value, "input", workspace), role="input", options=_options(token, cache)
                 ) as checkpoint,
             ):
                 size += checkpoint.total_bytes
@@ -328,10 +333,10 @@ def _gpu_seconds(*args, **kwargs) -> int:
     return int(min(900, 60 + 2 * size / 1e9))
 
 
-def _size(nbytes: int) -> str:
+def _size(nbytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes:.0f} B"
         nbytes /= 1000
     return ""
 
@@ -382,36 +387,47 @@ def check_models(
     token: str | None,
     workspace: dict[str, Any] | None = None,
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ) -> str:
     _require_pair(base, instruct)
-    workspace = workspace or {}
+    workspace = workspace if workspace is not None else new_workspace()
+    _check_open(workspace, request)
+    fields = {"base": base.strip(), "instruct": instruct.strip()}
     base_model, instruct_model = (
         _model(base, "base model", workspace),
         _model(instruct, "instruct model", workspace),
     )
-    read_token = _token(token, oauth_token)
     with scratch_cache() as cache:
-        report = operations.check_compatibility(
-            base_model,
-            instruct_model,
-            normalize_embeddings=normalize,
-            dtype=dtype,
-            token=read_token,
-            cache_dir=cache,
+        opened = operations.open_models(
+            [(base_model, "base"), (instruct_model, "instruct")], _options(_token(token, oauth_token), cache)
         )
+        try:
+            report = operations.check_compatibility(
+                opened[0], opened[1], normalize_embeddings=normalize, dtype=dtype
+            )
+            sizes = {role: c.total_bytes for role, c in zip(fields, opened, strict=True)}
+            small = {role: c.small_file_bytes for role, c in zip(fields, opened, strict=True)}
+        finally:
+            for checkpoint in opened:
+                checkpoint.close()
     # the estimate from the headers just read, not from a second opening of the same models
-    inputs = [(size, is_hub_id(label)) for label, size in report["size_on_disk"].items()]
+    inputs = [(sizes[role] + small[role], model.startswith(HUB_PREFIX)) for role, model in
+              (("base", base_model), ("instruct", instruct_model))]  # fmt: skip
     estimate = estimate_job(inputs, report["expected_output_bytes"], LIMITS)
     refuse_if_too_long(estimate, LIMITS)
-    sizes = ", ".join(f"`{k}` {_size(v)}" for k, v in report["size_on_disk"].items())
-    notes = "".join(f"\n- note: {n}" for n in report["notes"])
+    size_text = ", ".join(f"{role} {code_span(fields[role])} {_size(sizes[role])}" for role in fields)
+    small_text = (
+        f" (plus {_size(sum(small.values()))} of config and tokenizer files)" if any(small.values()) else ""
+    )
+    notes = "".join(f"\n- note: {markdown_text(n)}" for n in report["notes"])
     return (
         f"✅ **Compatible** (checked from headers, no weights downloaded)\n\n"
-        f"- architecture: **{report['architecture']}**, {report['layers']} layers, "
+        f"- architecture: {code_span(report['architecture'])}, {report['layers']} layers, "
         f"{report['parameters'] / 1e6:.2f} M parameters in {report['tensors']} tensors\n"
         f"- vocabulary: base {report['vocab_size']['base']}, instruct {report['vocab_size']['instruct']}, "
         f"tokenizer {report['tokenizer_length']}; tied embeddings: {report['tie_word_embeddings']}\n"
-        f"- size on disk: {sizes}\n- residuals will take **{_size(report['expected_output_bytes'])}** ({dtype})\n"
+        f"- size on disk: {size_text}{small_text}\n"
+        f"- residuals will take **{_size(report['expected_output_bytes'])}** ({dtype})\n"
         f"- the job {estimate.describe()} (limit here: {LIMITS.max_seconds / 60:.0f} min)"
         f"{_job_hint(estimate)}"
         f"{notes}\n\nNext: **Compute residuals**."
@@ -436,33 +452,31 @@ def compute(
 ):
     """Residuals into the session's folder, or with `direct` straight into the visitor's Hub repo."""
     _require_pair(base, instruct)  # compute itself rejects incompatible models from headers, before work
+    _check_open(workspace, request)
     base_model, instruct_model = (
         _model(base, "base model", workspace),
         _model(instruct, "instruct model", workspace),
     )
     push, read_token = _direct_push(direct, repo_name, private, token, oauth_token)
     estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
-    _ensure_folders(workspace, request)
-    with heavy_job(workspace, progress, "computing") as (cache, report):
+    session = _session(workspace, request)
+    with heavy_job(session, progress, "computing") as (cache, report):
         result = compute_residuals(
             base_model,
             instruct_model,
-            None if push else _job_output(workspace, "residuals"),
+            None if push else session.output("residuals"),
             push_to=push[0] if push else None,
             private=private,
             dtype=dtype,
             normalize_embeddings=normalize,
-            token=read_token,
-            cache_dir=cache,
-            device=DEVICE,
-            progress=report,
+            options=_options(read_token, cache, device=DEVICE, progress=report),
         )
         if push:
             archive, download = None, _streamed(result, workspace, "residuals")
         else:
-            kept = _keep(workspace, "residuals", result.path)
+            kept = _keep(workspace, session, "residuals", result.path)
             progress(0.92, desc="zipping the residuals for download")
-            archive, download = _zip(kept, workspace)
+            archive, download = _zip(kept, session, "residuals")
     recon = result.reconstruction or {}
     exact = (
         "base + R reproduces the instruct model **bit for bit**"
@@ -547,7 +561,7 @@ def apply(
         read_token,
         progress,
         "applying",
-        f"`{html.escape(target.strip())}` + {scale:g}·R",
+        f"{code_span(target.strip())} + {scale:g}·R",
         request,
         push,
     )
@@ -568,31 +582,30 @@ def _into_merged(
     push: tuple[str, bool] | None = None,
 ):
     """Run apply or merge into the session's `merged` folder (or straight into the Hub repo `push`)."""
+    _check_open(workspace, request)
     target_model = _model(target, "target model", workspace)
     roles = ["residuals"] if operation is apply_residuals else ["base", "instruct"]
     out_dtype = None if dtype == "same as target" else dtype
-    estimate = preflight([*zip(inputs, roles, strict=True), (target_model, "target")], token, out_dtype)
-    _ensure_folders(workspace, request)
-    with heavy_job(workspace, progress, label) as (cache, report):
+    models = [*zip(inputs, roles, strict=True), (target_model, "target")]
+    estimate = preflight(models, token, out_dtype, kind="merge")
+    session = _session(workspace, request)
+    with heavy_job(session, progress, label) as (cache, report):
         result = operation(
             *inputs,
             target_model,
-            None if push else _job_output(workspace, "merged"),
+            None if push else session.output("merged"),
             push_to=push[0] if push else None,
             private=push[1] if push else False,
             scale=scale,
             dtype=out_dtype,
-            token=token,
-            cache_dir=cache,
-            device=DEVICE,
-            progress=report,
+            options=_options(token, cache, device=DEVICE, progress=report),
         )
         if push:
             archive, download = None, _streamed(result, workspace, "merged")
         else:
-            kept = _keep(workspace, "merged", result.path)
+            kept = _keep(workspace, session, "merged", result.path)
             progress(0.92, desc="zipping the merged model for download")
-            archive, download = _zip(kept, workspace)
+            archive, download = _zip(kept, session, "merged")
     name = _repo_name(target) + "-plus-residuals"
     return _merged_summary(result, what, estimate) + download, archive, workspace, name
 
@@ -642,33 +655,56 @@ def inspect(
     compare: str,
     token: str | None,
     workspace: dict[str, Any],
+    progress: gr.Progress = gr.Progress(),  # noqa: B008
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
+    """Norms computed from the residuals' weights (streamed: estimated and bounded like any job);
+    what the repo only states about itself is said to be its claim."""
+    _check_open(workspace, request)
     target = _residuals_source(source, path, workspace)
+    other = _model(compare, "comparison residuals", workspace) if compare.strip() else None
     read_token = _token(token, oauth_token)
-    with scratch_cache() as cache:
-        report = operations.inspect_residuals(target, token=read_token, cache_dir=cache)
-    relative = f", ‖R‖/‖θ_base‖ = {report['relative']:.3g}" if report.get("relative") else ""
+    looked_at = [(target, "residuals"), *([(other, "comparison residuals")] if other else [])]
+    estimate = preflight(looked_at, read_token, None, writes=False)
+    session = _session(workspace, request)
+    with heavy_job(session, progress, "inspecting") as (cache, report):
+        options = _options(read_token, cache, progress=report)
+        result = operations.inspect_residuals(target, options=options)
+        rows = operations.compare_residuals(target, other, options=options) if other else None
+    relative = f", ‖R‖/‖θ_base‖ = {result['relative']:.3g}" if result.get("relative") else ""
     summary = (
-        f"**{html.escape(str(report['instruct_model']))} − {html.escape(str(report['base_model']))}** "
-        f"({report['dtype']}, {report['tensors']} tensors): total ‖R‖ = {report['total_norm']:.4g}{relative}."
+        f"**{result['tensors']} tensors** ({code_span(result['dtype'])}): total ‖R‖ = "
+        f"{result['total_norm']:.4g}{relative}, computed from the weights (the job {estimate.describe()}).\n\n"
+        f"Lineage as the repo's config states it: {code_span(result['instruct_model'])} − "
+        f"{code_span(result['base_model'])}.\n\n{_claims_text(result['claims'], result['tensors'])}"
     )
     cosine = pd.DataFrame(columns=["layer", "cosine"])
-    if compare.strip():
-        other = _model(compare, "comparison residuals", workspace)
-        with scratch_cache() as cache:
-            rows = operations.compare_residuals(target, other, token=read_token, cache_dir=cache)
+    if rows is not None:
         cosine = pd.DataFrame(rows, columns=["layer", "cosine"]).fillna(0.0)
         mean = cosine["cosine"].mean() if len(cosine) else 0.0
-        summary += f"\n\nCompared with `{html.escape(compare.strip())}`: mean per-layer cosine similarity **{mean:.3f}**."
-    layers = layer_frame(report)
+        summary += f"\n\nCompared with {code_span(compare.strip())}: mean per-layer cosine similarity **{mean:.3f}**."
+    layers = layer_frame(result)
     return (
         summary,
         layers,
         layers,
-        module_heatmap(report),
-        largest_frame(report["largest"]),
+        module_heatmap(result),
+        largest_frame(result["largest"]),
         cosine,
+    )
+
+
+def _claims_text(claims: dict[str, int], tensors: int) -> str:
+    """What the repo's manifest claimed about its norms, against what its weights gave."""
+    if not claims["claimed"]:
+        return "The repo records no per-tensor norms; ‖R‖/‖θ_base‖ needs them, so it is not shown."
+    if not claims["mismatched"] and claims["claimed"] == tensors:
+        return "The norms its manifest records match the weights."
+    return (
+        f"⚠ Its manifest claims norms for {claims['claimed']} tensors; {claims['mismatched']} of them do not match "
+        f"the weights ({tensors} tensors): every number here is computed, and the manifest's ‖θ_base‖ is used only "
+        "where its ‖R‖ matched."
     )
 
 
@@ -688,15 +724,28 @@ def _job_image() -> str:
 
 
 def _job_model(text: str, role: str, workspace: dict[str, Any]) -> str:
-    """A model a job can read: a Hub id or a demo model (the job's image has the demo family), not a
-    result that only this Space's disk holds."""
+    """A model as a job's command line names it: `hf://org/name` (so that a folder of the same name in
+    the job's image is never read instead) or `demo:NAME` (the image has the demo family) — no path
+    of this Space; a result only this Space's disk holds is refused."""
     model = _model(text, role, workspace)
-    if model.startswith(HUB_PREFIX) or model.startswith(str(DEMO_FAMILY)) or not ON_SPACE:
-        return model.removeprefix(HUB_PREFIX)
+    if model.startswith(HUB_PREFIX):
+        return model
+    if text.strip().startswith(DEMO_PREFIX):
+        return text.strip()
+    if not ON_SPACE:
+        return model  # running locally: a folder of this machine, as the command line takes it
     raise gr.Error(
         f"The {role} is a result on this Space's disk, which a Job cannot read: push it first, "
         "or write it straight into your Hub repo."
     )
+
+
+def _job_repo(repo_name: str, token: str) -> str:
+    """The full id of the repo a job pushes to, checked before submission: a valid name in a namespace
+    the visitor can write (a name like '--help' would only fail later, in their account)."""
+    from huggingface_hub import HfApi
+
+    return writable_repo_id(HfApi(token=token), _repo_name_given(repo_name))
 
 
 @ui_errors
@@ -713,71 +762,121 @@ def run_as_job(
     token: str | None = None,
     workspace: dict[str, Any] | None = None,
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
     """Submit the one-pass merge as a Hugging Face Job under the visitor's account; the job id is kept in
-    the browser (not the token), so the page can follow it after a reload."""
+    the browser (not the token), so the page can follow it after a reload, and in the session."""
     from residuals_core import jobs
 
+    workspace = workspace if workspace is not None else new_workspace()
+    _check_open(workspace, request)
     write_token = _write_token(token, oauth_token)  # refused here, before anything is submitted
     scale = _check_scale(scale)
-    workspace = workspace or {}
-    argv = ["merge", "--base", _job_model(base, "base model", workspace),
-            "--instruct", _job_model(instruct, "instruct model", workspace),
-            "--target", _job_model(target, "target model", workspace),
-            "--scale", f"{scale:g}", "--push-to", _repo_name_given(repo_name), "--quiet"]  # fmt: skip
-    if dtype != "same as target":
-        argv += ["--dtype", dtype]
-    if private:
-        argv.append("--private")
+    if flavor not in JOB_FLAVORS:
+        raise gr.Error(f"Choose the job's hardware among {', '.join(JOB_FLAVORS)}.")
     if oauth_token is not None and "jobs" not in (oauth_token.scope or "jobs").split():
         raise gr.Error(
             "Your login did not grant this Space the right to run Jobs: log out and in again, "
             "allowing 'Run Jobs' when Hugging Face asks."
         )
+    argv = ["merge", "--base", _job_model(base, "base model", workspace),
+            "--instruct", _job_model(instruct, "instruct model", workspace),
+            "--target", _job_model(target, "target model", workspace),
+            "--scale", f"{scale:g}"]  # fmt: skip
+    repo = _job_repo(repo_name, write_token)
+    argv += ["--push-to", repo, "--quiet"]
+    if dtype != "same as target":
+        argv += ["--dtype", dtype]
+    if private:
+        argv.append("--private")
     info = jobs.run_job(
         argv,
         token=write_token,
         image=_job_image(),
-        flavor=flavor or None,
+        flavor=flavor,
         token_expires_at=getattr(oauth_token, "expires_at", None) or None,  # 0: a token given through the API
     )
-    seen = [*(jobs_seen or []), {"id": info.id, "url": info.url, "repo": _repo_name_given(repo_name)}]
+    owner = jobs.parse_job_ref(info.url)[0] or repo.split("/")[0]
+    submitted = {"id": info.id, "owner": owner, "repo": repo}
+    workspace["job"] = submitted  # for this session (and API clients, which keep no browser state)
     return (
-        f"Job [{info.id}]({info.url}) submitted on your account: it {info.plan.describe()}. "
-        "**Follow my job** shows its logs.",
-        seen,
+        f"Job {_job_link(owner, info.id)} submitted on your account: it {info.plan.describe()}. "
+        f"It pushes to {_repo_link(repo)}. **Follow my job** shows its logs.",
+        [*(jobs_seen or []), submitted],
+        workspace,
     )
+
+
+def _job_link(owner: str, job_id: str) -> str:
+    return f"[{code_span(job_id)}]({hub_constants.ENDPOINT}/jobs/{owner}/{job_id})"
+
+
+def _repo_link(repo: str) -> str:
+    return f"[{code_span(repo)}]({hub_constants.ENDPOINT}/{repo})"
+
+
+def _followed(jobs_seen: list | None, workspace: dict[str, Any]) -> tuple[str, str, str]:
+    """(owner, job id, repo) of the latest job this session or browser submitted; the browser's copy
+    is checked, since any client can send anything there."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    job = workspace.get("job") or (jobs_seen[-1] if isinstance(jobs_seen, list) and jobs_seen else None)
+    if job is None:
+        raise gr.Error("No job was submitted from this browser yet.")
+    job = job if isinstance(job, dict) else {}
+    owner, job_id, repo = (str(job.get(key, "")) for key in ("owner", "id", "repo"))
+    try:
+        validate_repo_id(repo)
+        validate_repo_id(owner)
+        valid = job_id.isalnum() and "/" in repo
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise gr.Error("This browser's record of its jobs is damaged: submit the job again.")
+    return owner, job_id, repo
 
 
 @ui_errors
 def follow_job(
-    jobs_seen: list | None = None, token: str | None = None, oauth_token: gr.OAuthToken | None = None
+    jobs_seen: list | None = None,
+    token: str | None = None,
+    workspace: dict[str, Any] | None = None,
+    oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
     """The latest job's stage and logs, live until it ends; then the pushed repo's link."""
     from residuals_core import jobs
 
-    if not jobs_seen:
-        raise gr.Error("No job was submitted from this browser yet.")
-    job = jobs_seen[-1]
+    workspace = workspace if workspace is not None else new_workspace()
+    _check_open(workspace, request)
+    owner, job_id, repo = _followed(jobs_seen, workspace)
     write_token = _write_token(token, oauth_token)
+    ref, link = f"{owner}/{job_id}", _job_link(owner, job_id)
     lines: list[str] = []
-    yield f"Job [{job['id']}]({job['url']}): starting…", ""
-    for line in jobs.job_logs(job["url"], token=write_token):
+    yield f"Job {link}: starting…", ""
+    for line in jobs.job_logs(ref, token=write_token):
         lines.append(line)
-        yield f"Job [{job['id']}]({job['url']}): running", "\n".join(lines[-40:])
-    final = jobs.wait_for_job(job["url"], token=write_token)  # the log can end before the job does
+        yield f"Job {link}: running", "\n".join(lines[-40:])
+    final = jobs.wait_for_job(ref, token=write_token)  # the log can end before the job does
     stage = final.status.stage
-    message = f" ({final.status.message})" if final.status.message else ""
-    done = f"Job [{job['id']}]({job['url']}): **{stage}**{message}"
+    message = f" ({markdown_text(final.status.message)})" if final.status.message else ""
+    done = f"Job {link}: **{markdown_text(stage)}**{message}"
     if stage == "COMPLETED":
-        url = f"{hub_constants.ENDPOINT}/{job['repo']}"
-        done += f" — the result is at [{url}]({url})"
+        done += f" — the result is at {_repo_link(repo)}"
     yield done, "\n".join(lines[-40:])
 
 
 # ---- Export smaller (LoRA) -------------------------------------------------------------------------------
-def _cut(mode: str, rank: float, energy: float) -> dict[str, Any]:
-    return {"rank": int(rank), "energy": None} if mode == "rank" else {"rank": None, "energy": float(energy)}
+def _cut(mode: str, rank: Any, energy: Any) -> dict[str, Any]:
+    """The rank or energy cut as the sliders allow it; other values (sent through the API) are refused."""
+    try:
+        if mode == "rank" and 1 <= float(rank) <= 64:
+            return {"rank": int(rank), "energy": None}
+        if mode == "energy" and 0.5 <= float(energy) <= 0.99:
+            return {"rank": None, "energy": float(energy)}
+    except (TypeError, ValueError):
+        pass
+    raise gr.Error("Cut by 'rank' (a whole number from 1 to 64) or by 'energy' (a share from 0.5 to 0.99).")
 
 
 @ui_errors
@@ -790,24 +889,27 @@ def preview_export(
     embeddings: bool,
     token: str | None,
     workspace: dict[str, Any],
+    progress: gr.Progress = gr.Progress(),  # noqa: B008
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request | None = None,
 ):
     """Per layer, the share of ‖R‖² the adapter would keep, and its size — before anything is written."""
+    _check_open(workspace, request)
     target = _residuals_source(source, path, workspace)
-    with scratch_cache() as cache:
-        checkpoint, _ = operations.open_residuals(
-            target, options=Options(token=_token(token, oauth_token), cache_dir=cache)
-        )
+    read_token = _token(token, oauth_token)
+    cut = _cut(mode, rank, energy)
+    estimate = preflight([(target, "residuals")], read_token, None, writes=False, svd_embeddings=embeddings)
+    session = _session(workspace, request)
+    with heavy_job(session, progress, "previewing") as (cache, report):
+        checkpoint, _ = operations.open_residuals(target, options=_options(read_token, cache))
         with checkpoint:
-            report = preview_lora(
-                checkpoint, embeddings=embeddings, device=DEVICE, **_cut(mode, rank, energy)
-            )
+            result = preview_lora(checkpoint, embeddings=embeddings, device=DEVICE, progress=report, **cut)
     text = (
-        f"The adapter would keep **{100 * report['kept']:.1f}%** of ‖R‖² and weigh about "
-        f"**{_size(report['adapter_bytes'])}** (the full residuals: {_size(report['residual_bytes'])}). "
-        "Nothing was written yet: **Export** writes it."
+        f"The adapter would keep **{100 * result['kept']:.1f}%** of ‖R‖² and weigh about "
+        f"**{_size(result['adapter_bytes'])}** (the full residuals: {_size(result['residual_bytes'])}). "
+        f"Nothing was written yet: **Export** writes it. (The preview {estimate.describe()}.)"
     )
-    return text, pd.DataFrame(report["layers"], columns=["layer", "kept"])
+    return text, pd.DataFrame(result["layers"], columns=["layer", "kept"])
 
 
 @spaces.GPU(duration=_gpu_seconds)
@@ -826,41 +928,42 @@ def export_smaller(
     request: gr.Request | None = None,
 ):
     """The LoRA adapter into the session's folder, zipped for download (it is small), ready to push."""
+    _check_open(workspace, request)
     target = _residuals_source(source, path, workspace)
-    _ensure_folders(workspace, request)
-    with heavy_job(workspace, progress, "exporting") as (cache, report):
+    read_token = _token(token, oauth_token)
+    cut = _cut(mode, rank, energy)
+    estimate = preflight([(target, "residuals")], read_token, None, writes=False, svd_embeddings=embeddings)
+    session = _session(workspace, request)
+    with heavy_job(session, progress, "exporting") as (cache, report):
         result = export_lora(
             target,
-            _job_output(workspace, "lora"),
+            session.output("lora"),
             embeddings=embeddings,
-            token=_token(token, oauth_token),
-            cache_dir=cache,
-            device=DEVICE,
-            progress=report,
-            **_cut(mode, rank, energy),
+            options=_options(read_token, cache, device=DEVICE, progress=report),
+            **cut,
         )
-        kept = _keep(workspace, "lora", result.path)
-        archive, download = _zip(kept, workspace)
+        kept = _keep(workspace, session, "lora", result.path)
+        archive, download = _zip(kept, session, "lora")
     summary = result.summary
     ranks = sorted({m["rank"] for m in summary["matrices"]})
     text = (
         f"### LoRA adapter ready\n{len(summary['matrices'])} matrices, ranks {ranks[0]}–{ranks[-1]}, "
         f"‖R − R̂‖/‖R‖ = {summary['relative_error']:.3f} over them; {_size(summary['adapter_bytes'])} "
-        f"(the full residuals: {_size(summary['residual_bytes'])}). Load it with peft on your CPT'd base: "
-        "`PeftModel.from_pretrained(model, ...)`." + download
+        f"(the full residuals: {_size(summary['residual_bytes'])}; the export {estimate.describe()}). Load it "
+        "with peft on your CPT'd base: `PeftModel.from_pretrained(model, ...)`." + download
     )
     return text, archive, workspace
 
 
 # ---- Try ----------------------------------------------------------------------------------------------
-TRY_MEMORY_BYTES = float(os.environ.get("STUDIO_TRY_MEMORY_GB", "8")) * 1e9  # the Try tab's models, together
-TRY_SESSIONS = int(os.environ.get("STUDIO_TRY_SESSIONS", "1"))  # sessions whose models stay loaded at once
 _TRY_MODELS: collections.OrderedDict[str, dict[str, tuple]] = collections.OrderedDict()
 _TRY_LOCK = threading.Lock()
 SCORE_QUESTIONS = 30
+TRY_LABELS = ("CPT'd base", "Merged", "Instruct")
+CHARS_PER_TOKEN_AT_MOST = 8  # a prompt this many times longer than the token limit is refused untokenized
 
 
-def _try_paths(cpt_base, merged, instruct, workspace, token) -> list[str]:
+def _try_paths(cpt_base, merged, instruct, workspace, session: Session, token) -> list[str]:
     """The three models' local folders (Hub ids downloaded), refused with the numbers beyond the memory budget."""
     models = [
         _model(cpt_base, "CPT'd base", workspace),
@@ -872,31 +975,32 @@ def _try_paths(cpt_base, merged, instruct, workspace, token) -> list[str]:
     for model in dict.fromkeys(models):  # headers only: the size in memory before anything is loaded
         with (
             scratch_cache() as cache,
-            operations.open_model(
-                model, role="model", options=Options(token=token, cache_dir=cache)
-            ) as checkpoint,
+            operations.open_model(model, role="model", options=_options(token, cache)) as checkpoint,
         ):
             needed += sum(t.numel for t in checkpoint.tensors.values()) * dtype.itemsize
-    if needed > TRY_MEMORY_BYTES:
+    if needed > SETTINGS.try_memory_bytes:
         raise gr.Error(
             f"These models need {_size(needed)} of memory together in {str(dtype).removeprefix('torch.')}, more than "
-            f"the {_size(TRY_MEMORY_BYTES)} this Space gives the Try tab. Compare smaller models here, or run the app "
-            "on your own machine (scripts/serve.sh)."
+            f"the {_size(SETTINGS.try_memory_bytes)} this Space gives the Try tab. Compare smaller models here, or run "
+            "the app on your own machine (scripts/serve.sh)."
         )
     # downloads for generation go to the session's own cache, removed with the session
-    cache = Path(_ensure_folders(workspace, None)["dir"]) / "try-cache"
-    return [operations.resolve_for_generation(m, token=token, cache_dir=cache) for m in models]
+    options = _options(token, session.folder / "try-cache")
+    return [operations.resolve_for_generation(m, options=options) for m in models]
 
 
-def _session_models(key: str, paths: list[str]) -> list[tuple]:
-    """One set of models per session, loaded once; the oldest session's set goes when another needs room."""
+def _session_models(session: Session, paths: list[str]) -> list[tuple]:
+    """One set of models per session, loaded once; the oldest session's set goes when another needs room,
+    and with it the files it was loaded from."""
     with _TRY_LOCK:
-        loaded = _TRY_MODELS.pop(key, {})
-        _TRY_MODELS[key] = loaded
+        loaded = _TRY_MODELS.pop(session.key, {})
+        _TRY_MODELS[session.key] = loaded
         for path in [p for p in loaded if p not in paths]:
             del loaded[path]
-        while len(_TRY_MODELS) > TRY_SESSIONS:
-            _TRY_MODELS.popitem(last=False)
+        while len(_TRY_MODELS) > SETTINGS.try_sessions:
+            evicted, _ = _TRY_MODELS.popitem(last=False)
+            with contextlib.suppress(ResidualsError):
+                shutil.rmtree(SESSIONS.session(evicted).folder / "try-cache", ignore_errors=True)
     for path in paths:
         if path not in loaded:
             loaded[path] = load_causal_lm(path, device=DEVICE)
@@ -908,23 +1012,61 @@ def _free_session_models(key: str) -> None:
         _TRY_MODELS.pop(key, None)
 
 
+SESSIONS.on_close(_free_session_models)
+
+
+def _check_prompt_length(text: str) -> None:
+    """A prompt far beyond the token limit is refused before any tokenizer sees it."""
+    limit = SETTINGS.try_max_prompt_tokens
+    if len(text) > limit * CHARS_PER_TOKEN_AT_MOST:
+        raise gr.Error(
+            f"The prompt has {len(text):,} characters; this Space takes prompts of at most {limit} tokens "
+            "(a few hundred words). Shorten it."
+        )
+
+
+def _check_prompt_tokens(models: list[tuple], text: str, raw: bool) -> None:
+    """The prompt in each model's own tokens (chat template included) against the Space's limit."""
+    limit = SETTINGS.try_max_prompt_tokens
+    longest = max(prompt_length(tokenizer, text, use_chat_template=not raw) for _, tokenizer in models)
+    if longest > limit:
+        raise gr.Error(
+            f"The prompt is {longest} tokens long for these models; this Space takes at most {limit}. Shorten it."
+        )
+
+
 @spaces.GPU(duration=60)
-def _generate_side_by_side(models: list[tuple], prompts: list[str], raw: bool) -> list[list[str]]:
-    """The only GPU lease of the Try tab: generation alone, models already loaded, downloads done."""
-    if raw:  # the demo family's own question format, the end marker kept so that stopping can be scored
-        return [demo_generate(model, tokenizer, prompts) for model, tokenizer in models]
-    return [
-        [
-            complete(model, tokenizer, p, max_new_tokens=40).strip()
-            or "(empty answer: the model stopped at once)"
-            for p in prompts
-        ]
-        for model, tokenizer in models
-    ]
+def _generate_side_by_side(models: list[tuple], prompt: str, raw: bool, deadline: float) -> list[str | None]:
+    """The only GPU lease of the Try tab: generation alone, models already loaded, downloads done.
+
+    Each model generates at most SETTINGS.try_max_new_tokens and stops at `deadline` (time.monotonic);
+    a model whose turn comes after it gets None.
+    """
+    replies: list[str | None] = []
+    for model, tokenizer in models:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            replies.append(None)
+            continue
+        if raw:  # the demo family's own question format, the end marker kept so that stopping can be scored
+            new_tokens = min(24, SETTINGS.try_max_new_tokens)
+            replies.append(demo_generate(model, tokenizer, [prompt], new_tokens, max_time=left)[0])
+        else:
+            reply = complete(
+                model, tokenizer, prompt, max_new_tokens=SETTINGS.try_max_new_tokens, max_time=left
+            )
+            replies.append(reply.strip() or "(empty answer: the model stopped at once)")
+    return replies
 
 
 def _mark(formatted: bool, correct: bool) -> str:
     return f"format {'✓' if formatted else '✗'} · answer {'✓' if correct else '✗'}"
+
+
+TRY_LIMITS = (
+    f"Prompts of up to {SETTINGS.try_max_prompt_tokens} tokens; each model answers in at most "
+    f"{SETTINGS.try_max_new_tokens} new tokens, and the three together get {SETTINGS.try_max_seconds:g} s per click."
+)
 
 
 @ui_errors
@@ -944,29 +1086,32 @@ def try_models(
     A question of the demo family is asked in its own format and scored: the expected answer is
     shown and each reply marked for format and value.
     """
+    session = _session(workspace, request)
+    text = text if isinstance(text, str) else ""
     if not text.strip():
         raise gr.Error("Type a prompt (or pick an example) first.")
+    _check_prompt_length(text)
     read_token = _token(token, oauth_token)
-    _ensure_folders(workspace, request)
     progress(0.05, desc="fetching the models")
-    paths = _try_paths(cpt_base, merged, instruct, workspace, read_token)
+    paths = _try_paths(cpt_base, merged, instruct, workspace, session, read_token)
     progress(0.3, desc="loading the models")
-    models = _session_models(getattr(request, "session_hash", None) or "local", paths)
+    models = _session_models(session, paths)
     world = World.load(DEMO_FAMILY) if (DEMO_FAMILY / "world.json").is_file() else None
     question = question_of(world, text) if world else None
+    _check_prompt_tokens(models, text, raw=question is not None)
     progress(0.6, desc="generating")
-    replies = [r[0] for r in _generate_side_by_side(models, [text], raw=question is not None)]
+    deadline = time.monotonic() + SETTINGS.try_max_seconds
+    replies = _generate_side_by_side(models, text, question is not None, deadline)
+    out_of_time = f"(not generated: the {SETTINGS.try_max_seconds:g} s this Space gives one click ran out)"
     if question is None:
-        return (*replies, "Not a demo-family question: no expected answer to compare with.", workspace)
-    shown = [r.split(EOS)[0].strip() or "(empty answer)" for r in replies]
-    marks = [_mark(*score_reply(r, world, *question)) for r in replies]
-    verdict = f"**Expected:** {html.escape(expected_reply(world, *question))}\n\n" + "\n".join(
+        shown = [out_of_time if r is None else r for r in replies]
+        return (*shown, "Not a demo-family question: no expected answer to compare with.", workspace)
+    shown = [out_of_time if r is None else r.split(EOS)[0].strip() or "(empty answer)" for r in replies]
+    marks = [_mark(*score_reply(r or "", world, *question)) for r in replies]
+    verdict = f"**Expected:** {markdown_text(expected_reply(world, *question))}\n\n" + "\n".join(
         f"- {label}: {mark}" for label, mark in zip(TRY_LABELS, marks, strict=True)
     )
     return (*shown, verdict, workspace)
-
-
-TRY_LABELS = ("CPT'd base", "Merged", "Instruct")
 
 
 @ui_errors
@@ -979,19 +1124,27 @@ def score_questions(
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request | None = None,
 ):
-    """Ask the three models SCORE_QUESTIONS world-B questions; the table fills in as answers come."""
+    """Ask the three models SCORE_QUESTIONS world-B questions; the table fills in as answers come.
+
+    The whole scoring gets the budget of SCORE_QUESTIONS / 10 clicks of Try; it stops, saying so, when spent.
+    """
+    session = _session(workspace, request)
     if not (DEMO_FAMILY / "world.json").is_file():
         raise gr.Error("The demo family is not installed here, so there are no questions to score.")
     world = World.load(DEMO_FAMILY)
-    _ensure_folders(workspace, request)
-    paths = _try_paths(cpt_base, merged, instruct, workspace, _token(token, oauth_token))
-    models = _session_models(getattr(request, "session_hash", None) or "local", paths)
+    paths = _try_paths(cpt_base, merged, instruct, workspace, session, _token(token, oauth_token))
+    models = _session_models(session, paths)
     items = world.questions(world.world_b, SCORE_QUESTIONS, seed=0)
+    budget = SETTINGS.try_max_seconds * SCORE_QUESTIONS / 10
+    deadline = time.monotonic() + budget
     scores = [[0, 0] for _ in models]
     for done, (name, attribute, style) in enumerate(items, start=1):
-        replies = [
-            r[0] for r in _generate_side_by_side(models, [demo_prompt(name, attribute, style)], raw=True)
-        ]
+        replies = _generate_side_by_side(models, demo_prompt(name, attribute, style), True, deadline)
+        if None in replies:
+            gr.Warning(
+                f"Scoring stopped after {done - 1} questions: the {budget:g} s it may take here ran out."
+            )
+            return
         for tally, reply in zip(scores, replies, strict=True):
             formatted, correct = score_reply(reply, world, name, attribute, style)
             tally[0] += formatted
@@ -1016,16 +1169,18 @@ def example_prompts() -> list[str]:
 
 
 # ---- Push -------------------------------------------------------------------------------------------------
-def _push(kind: str, repo_name: str, private: bool, token_field: str | None, workspace, oauth_token) -> str:
+def _push(
+    kind: str, repo_name: str, private: bool, token_field: str | None, workspace, oauth_token, request
+) -> str:
+    _check_open(workspace, request)
     folder = workspace.get(kind)
     if not folder:
         raise gr.Error(f"Nothing to push yet: {NEXT_STEP[kind]} first.")
     if folder.startswith(HUB_PREFIX):
-        url = f"{hub_constants.ENDPOINT}/{folder.removeprefix(HUB_PREFIX)}"
-        return f"✅ Already on the Hub: it was written straight into [{url}]({url})."
+        return f"✅ Already on the Hub: it was written straight into {_repo_link(folder.removeprefix(HUB_PREFIX))}."
     token = _write_token(token_field, oauth_token)
     url = operations.push_to_hub(folder, _repo_name_given(repo_name), private=private, token=token)
-    return f"✅ Pushed to [{url}]({url})" + (" (private)" if private else "")
+    return f"✅ Pushed to {_repo_link(RepoUrl(url).repo_id)}" + (" (private)" if private else "")
 
 
 def _write_token(token_field: str | None, oauth_token: gr.OAuthToken | None) -> str:
@@ -1051,9 +1206,19 @@ def _write_token(token_field: str | None, oauth_token: gr.OAuthToken | None) -> 
 
 
 def _repo_name_given(repo_name: str | None) -> str:
-    name = (repo_name or "").strip()
+    """The repository name typed (NAME or NAMESPACE/NAME), by the Hub's own rule for ids."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = repo_name.strip() if isinstance(repo_name, str) else ""
     if not name:
         raise gr.Error("Give the repository a name.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise gr.Error(
+            f"{html.escape(name[:100])!r} is not a repository name the Hub accepts: use letters, digits, '-', '_' "
+            "and '.', not starting or ending with '-' or '.' (e.g. my-model-residuals, or you/my-model-residuals)."
+        ) from None
     return name
 
 
@@ -1069,28 +1234,48 @@ def _direct_push(
 
 def _streamed(result, workspace: dict[str, Any], kind: str) -> str:
     """A result written straight into a Hub repo: the session's result is that repo; nothing is kept here."""
-    from huggingface_hub import RepoUrl
-
-    workspace[kind] = HUB_PREFIX + RepoUrl(result.url).repo_id
-    return f"\n\nStreamed straight into [{result.url}]({result.url}): nothing of it was kept on this Space."
+    repo = RepoUrl(result.url).repo_id
+    workspace[kind] = HUB_PREFIX + repo
+    return f"\n\nStreamed straight into {_repo_link(repo)}: nothing of it was kept on this Space."
 
 
 NEXT_STEP = {"residuals": "compute residuals", "merged": "apply or merge", "lora": "export an adapter"}
 
 
 @ui_errors
-def push_lora(repo_name, private, token_field, workspace, oauth_token: gr.OAuthToken | None):
-    return _push("lora", repo_name, private, token_field, workspace, oauth_token)
+def push_lora(
+    repo_name,
+    private,
+    token_field,
+    workspace,
+    oauth_token: gr.OAuthToken | None,
+    request: gr.Request | None = None,
+):
+    return _push("lora", repo_name, private, token_field, workspace, oauth_token, request)
 
 
 @ui_errors
-def push_residuals(repo_name, private, token_field, workspace, oauth_token: gr.OAuthToken | None):
-    return _push("residuals", repo_name, private, token_field, workspace, oauth_token)
+def push_residuals(
+    repo_name,
+    private,
+    token_field,
+    workspace,
+    oauth_token: gr.OAuthToken | None,
+    request: gr.Request | None = None,
+):
+    return _push("residuals", repo_name, private, token_field, workspace, oauth_token, request)
 
 
 @ui_errors
-def push_merged(repo_name, private, token_field, workspace, oauth_token: gr.OAuthToken | None):
-    return _push("merged", repo_name, private, token_field, workspace, oauth_token)
+def push_merged(
+    repo_name,
+    private,
+    token_field,
+    workspace,
+    oauth_token: gr.OAuthToken | None,
+    request: gr.Request | None = None,
+):
+    return _push("merged", repo_name, private, token_field, workspace, oauth_token, request)
 
 
 # ---- layout -----------------------------------------------------------------------------------------------
@@ -1115,8 +1300,11 @@ PERMISSIONS = (
 
 
 def build() -> gr.Blocks:
-    with gr.Blocks(title="Residuals Studio") as demo:
-        workspace = gr.State(new_workspace, delete_callback=drop_workspace)
+    # Gradio's own temporary files (none are expected: uploads are refused) go after the session idle time
+    age = int(SETTINGS.session_idle_seconds)
+    with gr.Blocks(title="Residuals Studio", delete_cache=(max(60, age // 4), age)) as demo:
+        # a plain value, copied per session: a callable here would be an API route that resets the state
+        workspace = gr.State(new_workspace(), delete_callback=drop_workspace)
         jobs_seen = gr.BrowserState([], storage_key="residuals-studio-jobs")  # job ids only, never a token
         gr.Markdown(INTRO)
         with gr.Row():
@@ -1295,6 +1483,7 @@ def build() -> gr.Blocks:
                 t_inst = gr.Textbox(
                     label="Instruct model", value=POLICY.demo_name("instruct-v1"), min_width=WIDE
                 )
+            gr.Markdown(TRY_LIMITS)
             examples = example_prompts()
             t_prompt = gr.Textbox(label="Prompt", value=examples[0] if examples else "", lines=2)
             if examples:
@@ -1322,13 +1511,16 @@ def build() -> gr.Blocks:
                 elem_id="score-table",
             )
 
-        heavy = {"concurrency_limit": HEAVY_JOBS, "concurrency_id": "heavy"}
+        # every action that reads weights waits for one of the few heavy slots, across all sessions
+        heavy = {"concurrency_limit": SETTINGS.heavy_jobs, "concurrency_id": "heavy"}
         # every action has a stable api_name: the README shows them with gradio_client
         check_button.click(
             check_models,
             [base, instruct, dtype, normalize, token, workspace],
             compute_status,
             api_name="check",
+            concurrency_limit=SETTINGS.check_concurrency,
+            concurrency_id="look",
         )
         compute_event = compute_button.click(
             compute,
@@ -1356,6 +1548,7 @@ def build() -> gr.Blocks:
             [i_source, i_path, i_compare, token, workspace],
             [inspect_status, inspect_bar, inspect_rel, inspect_heat, inspect_table, inspect_cos],
             api_name="inspect",
+            **heavy,
         )
         try_button.click(
             try_models,
@@ -1402,10 +1595,17 @@ def build() -> gr.Blocks:
                 token,
                 workspace,
             ],
-            [j_status, jobs_seen],
+            [j_status, jobs_seen, workspace],
             api_name="run_job",
         )
-        j_follow.click(follow_job, [jobs_seen, token], [j_status, j_logs], api_name="follow_job")
+        j_follow.click(
+            follow_job,
+            [jobs_seen, token, workspace],
+            [j_status, j_logs],
+            api_name="follow_job",
+            concurrency_limit=SETTINGS.check_concurrency,  # a log can stream for hours: few at once
+            concurrency_id="follow",
+        )
         demo.unload(end_session)
     return demo
 
@@ -1413,9 +1613,16 @@ def build() -> gr.Blocks:
 demo = build()
 
 if __name__ == "__main__":
+    from starlette.middleware import Middleware
+
+    from studio.http import RefuseUploads
+
+    SESSIONS.start_sweeping(SETTINGS.sweep_seconds)
     # a bounded queue: the position is shown to each waiting visitor, and a full queue says so
-    demo.queue(default_concurrency_limit=4, max_size=QUEUE_SIZE).launch(
+    demo.queue(default_concurrency_limit=4, max_size=SETTINGS.queue_size).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         run_history=False,  # the browser's run history would keep every input, tokens included
+        max_file_size="1kb",  # no field takes a file; the routes are refused outright, this is the backstop
+        app_kwargs={"middleware": [Middleware(RefuseUploads)]},
     )

@@ -158,7 +158,9 @@ def score_reply(reply: str, world: World, name: str, attribute: str, style: str)
     return formatted, correct
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 24, max_time: float | None = None
+) -> list[str]:
     """Greedy continuations of raw prompts, special tokens kept so the stop marker is visible."""
     return [
         complete(
@@ -168,6 +170,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> 
             max_new_tokens=max_new_tokens,
             use_chat_template=False,
             keep_special_tokens=True,
+            max_time=max_time,
         )
         for p in prompts
     ]

@@ -99,18 +99,21 @@ class HostLimits:
 
     hub_bytes_per_s: how fast a Hub input streams to this host (the Space's link); local_bytes_per_s:
     reading and writing local files together (the benchmark's ~1B merge moved 8 GB in 4.3 s on two
-    cores; 1 GB/s leaves room for slower disks).
+    cores; 1 GB/s leaves room for slower disks); svd_rate: m·n·min(m,n) per second of a matrix
+    factorisation (two CPU cores did 5–10e9 on 1024–8192-wide matrices; a GPU does far more).
     """
 
     max_seconds: float = 30 * 60
     hub_bytes_per_s: float = 100e6
     local_bytes_per_s: float = 1e9
+    svd_rate: float = 4e9
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> HostLimits:
-        """STUDIO_MAX_JOB_MINUTES, STUDIO_HUB_MB_PER_S and STUDIO_LOCAL_MB_PER_S, where set."""
+        """STUDIO_MAX_JOB_MINUTES, STUDIO_HUB_MB_PER_S, STUDIO_LOCAL_MB_PER_S and STUDIO_SVD_RATE_G, where set."""
         defaults = cls()
         return cls(
+            svd_rate=float(environ.get("STUDIO_SVD_RATE_G", defaults.svd_rate / 1e9)) * 1e9,
             max_seconds=float(environ.get("STUDIO_MAX_JOB_MINUTES", defaults.max_seconds / 60)) * 60,
             hub_bytes_per_s=float(environ.get("STUDIO_HUB_MB_PER_S", defaults.hub_bytes_per_s / 1e6)) * 1e6,
             local_bytes_per_s=float(environ.get("STUDIO_LOCAL_MB_PER_S", defaults.local_bytes_per_s / 1e6))
@@ -126,6 +129,7 @@ class JobEstimate:
     local_read_bytes: int
     write_bytes: int
     seconds: float
+    factorise_seconds: float = 0.0
 
     def describe(self) -> str:
         read = []
@@ -133,28 +137,48 @@ class JobEstimate:
             read.append(f"{_size(self.hub_read_bytes)} streamed from the Hub")
         if self.local_read_bytes:
             read.append(f"{_size(self.local_read_bytes)} from local files")
+        factorise = (
+            f", factorises its matrices (about {_duration(self.factorise_seconds)})"
+            if self.factorise_seconds >= 1
+            else ""
+        )
         return (
-            f"reads {' and '.join(read) or 'nothing'}, writes {_size(self.write_bytes)}, "
+            f"reads {' and '.join(read) or 'nothing'}{factorise}, writes {_size(self.write_bytes)}, "
             f"about {_duration(self.seconds)} here"
         )
 
 
-def estimate_job(inputs: list[tuple[int, bool]], write_bytes: int, limits: HostLimits) -> JobEstimate:
+def estimate_job(
+    inputs: list[tuple[int, bool]], write_bytes: int, limits: HostLimits, *, svd_work: float = 0.0
+) -> JobEstimate:
     """Estimate from (bytes, is on the Hub) per input: Hub streams run side by side over one link,
-    local reading and writing share the disk; the slower of the two sets the pace."""
+    local reading and writing share the disk; the slower of the two sets the pace. `svd_work`
+    (m·n·min(m,n) summed over the matrices a LoRA export or preview factorises) adds its own time."""
     hub = sum(size for size, remote in inputs if remote)
     local = sum(size for size, remote in inputs if not remote)
-    seconds = max(hub / limits.hub_bytes_per_s, (local + write_bytes) / limits.local_bytes_per_s) + 3
-    return JobEstimate(hub, local, write_bytes, seconds)
+    factorise = svd_work / limits.svd_rate
+    seconds = (
+        max(hub / limits.hub_bytes_per_s, (local + write_bytes) / limits.local_bytes_per_s) + factorise + 3
+    )
+    return JobEstimate(hub, local, write_bytes, seconds, factorise)
 
 
-def refuse_if_too_long(estimate: JobEstimate, limits: HostLimits) -> None:
+# What to do instead of a job too long for the host, by what the job is: Jobs on the Space run the merge.
+TOO_LONG_FIXES = {
+    "merge": "Run it as a Job on your account (Apply tab → 'Too big for this Space?'), or choose smaller models.",
+    "other": "Choose smaller models, or run it on your own machine with the command line (python -m residuals_core "
+    "… --push-to you/name), where `jobs run` can also send it to Hugging Face Jobs.",
+}
+
+
+def refuse_if_too_long(estimate: JobEstimate, limits: HostLimits, *, kind: str = "other") -> None:
+    """Refuse, with the numbers, a job estimated beyond the host's limit; `kind` "merge" for an apply
+    or merge, which a hosted app can hand to a Job, "other" for the rest."""
     if estimate.seconds > limits.max_seconds:
         raise ResidualsError(
             f"This job {estimate.describe()}: more than the {_duration(limits.max_seconds)} a job may take "
             "on this Space.",
-            "Run it on your own machine with the command line (python -m residuals_core … --push-to), "
-            "or choose smaller models.",
+            TOO_LONG_FIXES[kind],
         )
 
 
@@ -174,10 +198,6 @@ def _duration(seconds: float) -> str:
 # variables, network settings, disk flags); on a Space the visitor can only sign in, retry or choose
 # other models, so those fixes are said that way instead.
 _VISITOR_FIXES = (
-    (
-        re.compile(r"on your own machine with the command line"),
-        "Run it as a Job on your account (Apply tab → 'Too big for this Space?'), or choose smaller models.",
-    ),
     (
         re.compile(r"HF_TOKEN|token=\.\.\."),
         "Sign in with Hugging Face (the button at the top) with an account that can read the model, then try again.",

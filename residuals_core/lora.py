@@ -327,6 +327,20 @@ Made with Residuals Studio (`python -m residuals_core lora`).
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
+def svd_work(tensors: dict[str, Any], *, embeddings: bool = True) -> float:
+    """m·n·min(m,n) summed over the matrices an export (or its preview) factorises: its cost in time,
+    known from the headers, so a host can refuse what it cannot finish."""
+    return float(
+        sum(
+            info.shape[0] * info.shape[1] * min(info.shape)
+            for name, info in tensors.items()
+            if info.dtype.is_floating_point
+            and len(info.shape) == 2
+            and adapted_module(name, embeddings=embeddings)
+        )
+    )
+
+
 def preview_lora(
     residuals: TensorSource,
     *,
@@ -334,6 +348,7 @@ def preview_lora(
     energy: float | None = None,
     embeddings: bool = True,
     device: str = "cpu",
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """What an export would keep, before anything is written: per layer the share of ‖R‖² kept (left-out
     tensors count as lost), the adapter's size and the full residual's. Singular values only."""
@@ -345,7 +360,9 @@ def preview_lora(
         )
     layers: dict[str, list[float]] = {}
     adapter_bytes = residual_bytes = 0
-    for name, info in residuals.tensors.items():
+    for done, (name, info) in enumerate(residuals.tensors.items(), start=1):
+        if progress is not None:
+            progress(done, len(residuals.tensors), name)
         residual_bytes += info.nbytes
         if not info.dtype.is_floating_point:
             continue

@@ -112,7 +112,11 @@ def _app_env(**settings: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def served_app(hub_server, tmp_path_factory):
-    env = _app_env(HF_TOKEN="hf_alice_write", HF_HUB_CACHE=str(tmp_path_factory.mktemp("app-cache")))
+    env = _app_env(
+        HF_TOKEN="hf_alice_write",
+        HF_HUB_CACHE=str(tmp_path_factory.mktemp("app-cache")),
+        TMPDIR=str(tmp_path_factory.mktemp("app-tmp")),  # its sessions' folders, swept by it alone
+    )
     with _launched_app(env, tmp_path_factory.mktemp("app-log") / "app.log") as url:
         yield url
 
@@ -136,6 +140,9 @@ def space(hub_server, tmp_path_factory):
         GRADIO_TEMP_DIR=str(folders["gradio"]),
         HF_HOME=str(folders["hf"]),
         HF_HUB_CACHE=str(folders["hf"] / "hub"),
+        STUDIO_MAX_SMALL_FILE_MB="1",  # the demo family's tokenizer is 0.1 MB; tests try bigger ones
+        STUDIO_SESSION_IDLE_MINUTES="1",  # so that the sweep's work can be watched within a test
+        STUDIO_SWEEP_SECONDS="1",
     )
     log_path = root / "app.log"
     with _launched_app(env, log_path) as url:

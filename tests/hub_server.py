@@ -228,6 +228,7 @@ class LocalHub:
         self.xet_files: dict[str, tuple[str, int]] = {}  # sha256 -> (xet file hash, size), from CAS shards
         self.job_time_scale = 1.0  # a job's timeout in seconds is this many seconds here
         self.job_stage_lag_s = 0.0  # how long after its log ends a job's stage still says RUNNING
+        self.job_cwd: Path | None = None  # where a job runs: the working folder of its image
         self.flaky_every = 0  # cut every n-th ranged read of a weight file half-way (0: never)
         self.corrupt: dict[str, int] = {}  # "repo/path" -> offset of a byte flipped when served
         self.link = Link()
@@ -585,6 +586,7 @@ class LocalHub:
                 }
                 job.proc = subprocess.Popen(
                     command,
+                    cwd=hub.job_cwd,  # the image's working folder (None: this one)
                     env=job.env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,

@@ -1,5 +1,6 @@
 """The Space: event functions called directly, then the launched app driven over its API and in a browser."""
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -9,9 +10,11 @@ import pytest
 
 import app
 from residuals_core.demo import DEMO_FAMILY
+from studio.session import RUNNING
 
 needs_family = pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = {name: str(DEMO_FAMILY / name) for name in ("base-v1", "instruct-v1", "base-v2")}
 
 
 class NoProgress:
@@ -61,13 +64,13 @@ def test_incompatible_models_error_in_ui(families, workspace):
             workspace,
             NoProgress(),
         )
-    assert not (Path(workspace["dir"]) / "residuals").exists()
+    assert not (app.SESSIONS.session(workspace["session"]).folder / "residuals").exists()
 
 
 @needs_family
 def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
     summary, bars, heat, archive, workspace, name = app.compute(
-        app.DEMO["base-v1"], app.DEMO["instruct-v1"], "float32", True, None, workspace, NoProgress()
+        DEMO["base-v1"], DEMO["instruct-v1"], "float32", True, None, workspace, NoProgress()
     )
     assert "bit for bit" in summary and name == "instruct-v1-residuals"
     assert list(bars["layer"]) == ["embed", "0", "1", "2", "3", "final_norm"]
@@ -75,7 +78,7 @@ def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
     summary, archive, workspace, name = app.apply(
         "this session's Compute result",
         "",
-        app.DEMO["base-v2"],
+        DEMO["base-v2"],
         1.0,
         "same as target",
         None,
@@ -84,15 +87,15 @@ def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
     )
     assert "Merged model ready" in summary and Path(workspace["merged"], "model.safetensors").is_file()
     _text, bars, rel, heat, table, cosine = app.inspect(
-        "this session's Compute result", "", workspace["residuals"], None, workspace
+        "this session's Compute result", "", workspace["residuals"], None, workspace, NoProgress()
     )
     assert (rel["relative"] > 0).all() and len(table) > 5 and (cosine["cosine"] > 0.999).all()
     base_out, merged_out, inst_out, verdict, _ = app.try_models(
-        app.example_prompts()[0], app.DEMO["base-v2"], app.DEMO["instruct-v1"], workspace, NoProgress()
+        app.example_prompts()[0], DEMO["base-v2"], DEMO["instruct-v1"], workspace, NoProgress()
     )
     assert merged_out and base_out and inst_out
     assert verdict.startswith("**Expected:**") and verdict.count("format ") == 3  # a ✓/✗ per model
-    table = list(app.score_questions(app.DEMO["base-v2"], app.DEMO["instruct-v1"], workspace))
+    table = list(app.score_questions(DEMO["base-v2"], DEMO["instruct-v1"], workspace))
     assert len(table) == app.SCORE_QUESTIONS and list(table[-1]["questions"]) == [app.SCORE_QUESTIONS] * 3
     scores = table[-1].set_index("model")
     assert scores.loc["Merged", "format %"] > scores.loc["CPT'd base", "format %"]  # the paper's effect
@@ -102,17 +105,22 @@ def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
 
 @needs_family
 def test_gpu_duration_from_model_sizes_reads_headers_only(hub):
-    small = app._gpu_seconds(app.DEMO["base-v1"], "float32", True)
+    small = app._gpu_seconds(DEMO["base-v1"], "float32", True)
     assert small == 60  # 2 MB of weights
     assert not hub.log  # 'float32' and the flags were not taken for Hub ids
 
 
 def test_session_folder_removed_with_the_session():
-    ws = app._ensure_folders(app.new_workspace(), None)
-    Path(ws["dir"], "file").write_text("x")
-    Path(ws["downloads"], "result.zip").write_text("x")
+    ws = app.new_workspace()
+    session = app._session(ws, None)
+    Path(session.folder, "file").write_text("x")
+    Path(session.downloads, "result.zip").write_text("x")
     app.drop_workspace(ws)
-    assert not Path(ws["dir"]).exists() and not Path(ws["downloads"]).exists()
+    assert not session.folder.exists() and not session.downloads.exists()
+    with pytest.raises(
+        gr.Error, match=r"session has ended.*Reload the page"
+    ):  # a call that waited in the queue
+        app.check_models("demo:base-v1", "demo:instruct-v1", "float32", True, None, ws)
 
 
 def test_space_front_matter_is_valid():
@@ -142,14 +150,12 @@ def test_app_over_its_api_compute_inspect_apply_push(served_app, hub_server):
     from gradio_client import Client
 
     client = Client(served_app, oauth_token="hf_bob_write", verbose=False, analytics_enabled=False)
-    result = client.predict(
-        app.DEMO["base-v1"], app.DEMO["instruct-v1"], "float32", True, "", api_name="/compute"
-    )
+    result = client.predict(DEMO["base-v1"], DEMO["instruct-v1"], "float32", True, "", api_name="/compute")
     assert "Residuals ready" in result[0]
     inspected = client.predict("this session's Compute result", "", "", "", api_name="/inspect")
     assert "total ‖R‖" in inspected[0]
     applied = client.predict(
-        "this session's Compute result", "", app.DEMO["base-v2"], 1.0, "same as target", "", api_name="/apply"
+        "this session's Compute result", "", DEMO["base-v2"], 1.0, "same as target", "", api_name="/apply"
     )
     assert "Merged model ready" in applied[0]
     pushed = client.predict("api-merged", True, "", api_name="/push_merged")
@@ -181,9 +187,9 @@ def test_cancel_stops_the_job_and_keeps_the_earlier_result(families, workspace):
 
     job = threading.Thread(target=run)
     job.start()
-    folder = Path(workspace["dir"])
+    folder = app.SESSIONS.session(workspace["session"]).folder
     deadline = time.time() + 30
-    while not (folder / app.RUNNING).exists() and time.time() < deadline:
+    while not (folder / RUNNING).exists() and time.time() < deadline:
         time.sleep(0.01)
     with pytest.raises(gr.Error, match="already running a job"):  # one heavy job per session
         app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
@@ -200,17 +206,19 @@ def test_a_job_too_long_for_the_space_is_refused_with_the_numbers(families, work
 
     fam = families("llama")
     monkeypatch.setattr(app, "LIMITS", HostLimits(max_seconds=2, local_bytes_per_s=1e5))
+    before = set(app.SESSIONS.root.iterdir()) if app.SESSIONS.root.is_dir() else set()
     with pytest.raises(
-        gr.Error, match=r"reads [\d.]+ MB from local files, writes [\d.]+ MB, about \d+ s here"
+        gr.Error,
+        match=r"reads [\d.]+ MB from local files, writes [\d.]+ MB, about \d+ s here.*smaller models",
     ):
         app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
-    assert workspace["dir"] is None  # nothing was made for it
+    assert set(app.SESSIONS.root.iterdir()) == before  # nothing was made for it
 
 
 def test_check_offers_a_job_beyond_what_the_space_should_take_on(families, monkeypatch):
     fam = families("llama")
     text = app.check_models(str(fam["base"]), str(fam["instruct"]), "float32", True, None)
     assert "Run as a Job" not in text  # a small job: no offer
-    monkeypatch.setattr(app, "JOB_OFFER_SECONDS", 0.5)
+    monkeypatch.setattr(app, "SETTINGS", dataclasses.replace(app.SETTINGS, job_offer_seconds=0.5))
     text = app.check_models(str(fam["base"]), str(fam["instruct"]), "float32", True, None)
     assert "Run as a Job on my account" in text

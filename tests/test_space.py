@@ -174,7 +174,7 @@ def test_results_name_no_server_paths_and_sessions_leave_nothing(space, hub_serv
     assert len(set(downloads.iterdir()) - before) == 3  # one downloads folder per session
     for index, (computed, inspected, merged) in results.items():
         base, instruct = (name.removeprefix("demo:") for name in pairs[index])
-        assert f"{instruct} − {base}" in inspected[0]  # each session sees its own residuals
+        assert f"`{instruct}` − `{base}`" in inspected[0]  # each session sees its own residuals
         for archive in (computed[3], merged[1]):
             with zipfile.ZipFile(archive) as zipped:
                 texts = {
@@ -338,25 +338,50 @@ def test_export_smaller_through_the_api(space, hub_server):
 
 
 @needs_family
-def test_a_merge_too_big_for_the_space_runs_as_a_job_on_the_visitors_account(space, hub_server):
-    url, _, _ = space
+def test_a_merge_too_big_for_the_space_runs_as_a_job_on_the_visitors_account(space, hub_server, tmp_path):
+    """The job's command names models as the job must read them (hf://, demo:), never a path of the Space;
+    its push target is checked before submission; Follow my job links to the pushed repo."""
+    url, folders, _ = space
+    owner = HfApi(token=SPACE_SECRET)
+    owner.create_repo("studio-owner/job-target", exist_ok=True)
+    owner.upload_folder(repo_id="studio-owner/job-target", folder_path=str(DEMO_FAMILY / "base-v2"))
+    (tmp_path / "studio-owner" / "job-target").mkdir(parents=True)  # the same name as a folder in the image
+    hub_server.job_cwd = tmp_path
     anonymous = client(url)
     before = len(hub_server.jobs)
-    args = ("demo:base-v1", "demo:instruct-v1", "demo:base-v2", 1.0, "same as target", "space-job-merged", True,
-            "cpu-upgrade")  # fmt: skip
+    args = ("demo:base-v1", "demo:instruct-v1", "studio-owner/job-target", 1.0, "same as target", "space-job-merged",
+            True, "cpu-upgrade")  # fmt: skip
     refused(lambda: anonymous.predict(*args, api_name="/run_job"), "not logged in")
-    assert len(hub_server.jobs) == before  # nothing submitted for a visitor who is not logged in
     bob = client(url, oauth_token="hf_bob_write")
+    for bad in ("--help", "-x/y", "a b"):
+        refused(lambda b=bad: bob.predict(*args[:5], b, True, "cpu-upgrade", api_name="/run_job"),
+                "not a repository name the Hub accepts")  # fmt: skip
+    assert len(hub_server.jobs) == before  # nothing submitted for any of these
     status = bob.predict(*args, api_name="/run_job")
-    job_id = re.search(r"Job \[(\w+)\]", status if isinstance(status, str) else status[0]).group(1)
+    status = status if isinstance(status, str) else status[0]
+    job_id = re.search(r"Job \[`(\w+)`\]", status).group(1)
+    assert f"{hub_server.url}/bob/space-job-merged" in status
     job = hub_server.jobs[job_id]
     assert job.namespace == "bob" and job.spec["spaceId"] == "studio-owner/residuals-studio"
     assert job.spec["secrets"] == {"HF_TOKEN": "hf_bob_write"}
-    assert "hf_bob_write" not in json.dumps(job.spec["command"]) and SPACE_SECRET not in json.dumps(job.spec)
+    command = json.dumps(job.spec["command"])
+    assert "hf_bob_write" not in command and SPACE_SECRET not in json.dumps(job.spec)
+    assert (
+        "hf://studio-owner/job-target" in command
+        and "demo:base-v1" in command
+        and "bob/space-job-merged" in command
+    )
+    for server_path in (str(ROOT), str(DEMO_FAMILY), str(folders["tmp"]), "/tmp/"):
+        assert server_path not in command, server_path
     deadline = time.time() + 120
     while job.stage == "RUNNING" and time.time() < deadline:
         time.sleep(0.2)
-    assert job.stage == "COMPLETED", "\n".join(line for _, line in job.lines)
+    assert job.stage == "COMPLETED", "\n".join(
+        line for _, line in job.lines
+    )  # the Hub target, not the folder
     assert "bob/space-job-merged" in hub_server.repos and hub_server.repos["bob/space-job-merged"].private
+    followed, _logs = bob.predict(api_name="/follow_job")
+    assert "COMPLETED" in followed and f"]({hub_server.url}/bob/space-job-merged)" in followed
+    hub_server.job_cwd = None
     anonymous.close()
     bob.close()

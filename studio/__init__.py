@@ -1,0 +1,1 @@
+"""Residuals Studio, the Gradio Space: what a shared host needs around residuals_core."""
