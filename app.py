@@ -45,6 +45,7 @@ from residuals_core.demo import (
 )
 from residuals_core.demo import generate as demo_generate
 from residuals_core.demo import prompt as demo_prompt
+from residuals_core.errors import Cancelled
 from residuals_core.generation import complete, generation_dtype, load_causal_lm, prompt_length
 from residuals_core.hosting import (
     SESSION_MERGED,
@@ -221,16 +222,28 @@ def _check_scale(scale: Any) -> float:
     return value
 
 
+OVERRUN = 1.5  # a job running this many times the host's time limit is stopped, whatever its estimate said
+
+
 @contextlib.contextmanager
-def heavy_job(session: Session, progress: gr.Progress, label: str):
+def heavy_job(session: Session, progress: gr.Progress, label: str, estimate: JobEstimate):
     """One heavy job per session, stoppable by Cancel (or the session's end), with a Hub cache of its own.
 
     Yields (cache folder, progress callback). The callback maps the engine's tensors onto 0–90 % and
-    raises once Cancel was pressed, so the engine stops and its sinks remove what they wrote.
+    raises once Cancel was pressed, or once the job has run OVERRUN times the host's limit (an estimate
+    is only an estimate: a slow link must not hold the slot for hours), so the engine stops and its
+    sinks remove what they wrote.
     """
+    started, limit = time.monotonic(), LIMITS.max_seconds * OVERRUN
 
     def report(done: int, total: int, name: str) -> None:
         session.raise_if_cancelled()
+        if time.monotonic() - started > limit:
+            raise Cancelled(
+                f"The job was stopped after {_minutes(limit)}: jobs here may take {_minutes(LIMITS.max_seconds)} "
+                f"(it was estimated at {_minutes(estimate.seconds)}; the Hub was slower than that today).",
+                "Nothing it wrote was kept. Try again later, choose smaller models, or run it on your own machine.",
+            )
         progress(0.9 * done / max(total, 1), desc=f"{label}: {done}/{total} tensors")
 
     try:
@@ -238,6 +251,10 @@ def heavy_job(session: Session, progress: gr.Progress, label: str):
             yield cache, report
     finally:
         SESSIONS.job_ended(session.key)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def preflight(
@@ -460,7 +477,7 @@ def compute(
     push, read_token = _direct_push(direct, repo_name, private, token, oauth_token)
     estimate = preflight([(base_model, "base"), (instruct_model, "instruct")], read_token, dtype)
     session = _session(workspace, request)
-    with heavy_job(session, progress, "computing") as (cache, report):
+    with heavy_job(session, progress, "computing", estimate) as (cache, report):
         result = compute_residuals(
             base_model,
             instruct_model,
@@ -589,7 +606,7 @@ def _into_merged(
     models = [*zip(inputs, roles, strict=True), (target_model, "target")]
     estimate = preflight(models, token, out_dtype, kind="merge")
     session = _session(workspace, request)
-    with heavy_job(session, progress, label) as (cache, report):
+    with heavy_job(session, progress, label, estimate) as (cache, report):
         result = operation(
             *inputs,
             target_model,
@@ -668,7 +685,7 @@ def inspect(
     looked_at = [(target, "residuals"), *([(other, "comparison residuals")] if other else [])]
     estimate = preflight(looked_at, read_token, None, writes=False)
     session = _session(workspace, request)
-    with heavy_job(session, progress, "inspecting") as (cache, report):
+    with heavy_job(session, progress, "inspecting", estimate) as (cache, report):
         options = _options(read_token, cache, progress=report)
         result = operations.inspect_residuals(target, options=options)
         rows = operations.compare_residuals(target, other, options=options) if other else None
@@ -900,7 +917,7 @@ def preview_export(
     cut = _cut(mode, rank, energy)
     estimate = preflight([(target, "residuals")], read_token, None, writes=False, svd_embeddings=embeddings)
     session = _session(workspace, request)
-    with heavy_job(session, progress, "previewing") as (cache, report):
+    with heavy_job(session, progress, "previewing", estimate) as (cache, report):
         checkpoint, _ = operations.open_residuals(target, options=_options(read_token, cache))
         with checkpoint:
             result = preview_lora(checkpoint, embeddings=embeddings, device=DEVICE, progress=report, **cut)
@@ -934,7 +951,7 @@ def export_smaller(
     cut = _cut(mode, rank, energy)
     estimate = preflight([(target, "residuals")], read_token, None, writes=False, svd_embeddings=embeddings)
     session = _session(workspace, request)
-    with heavy_job(session, progress, "exporting") as (cache, report):
+    with heavy_job(session, progress, "exporting", estimate) as (cache, report):
         result = export_lora(
             target,
             session.output("lora"),

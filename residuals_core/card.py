@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from .config import ResidualsConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]|!~#])")
+_MARKDOWN_SPECIALS = re.compile(r"([\\`\[\]|!])")  # links, images, code, tables; < and > become entities
 
 
 def _one_line(text: object) -> str:

@@ -339,6 +339,22 @@ class LocalHub:
         os.replace(tmp.name, final)
         return digest.hexdigest()
 
+    def add_large_file(self, repo_id: str, path: str, head: bytes, size: int) -> None:
+        """Commit a file of `size` bytes that starts with `head` and is zeros after, stored sparse.
+
+        It stands in for the real Hub's huge files (a 141 GB checkpoint) in tests that only look at
+        them — the tree listing, a header read by range — and must refuse to read them whole. Its
+        recorded sha256 is a name, not the hash of its bytes: a test that streams it all is wrong.
+        """
+        digest = hashlib.sha256(head + str(size).encode()).hexdigest()
+        blob = self.root / "blobs" / digest
+        with open(blob, "wb") as f:
+            f.write(head)
+            f.truncate(size)
+        repo = self.repos[repo_id]
+        self.lfs_blobs.add(digest)
+        self._commit(repo, {**repo.head[1], path: digest}, f"Add {path}")
+
     def _commit(self, repo: Repo, files: dict[str, str], message: str = "") -> str:
         sha = hashlib.sha1(f"{time.time_ns()}{len(repo.commits)}{sorted(files.items())}".encode()).hexdigest()
         repo.commits.append((sha, files, message))

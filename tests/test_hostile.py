@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from tiny_models import build_tokenizer, load_state, make_model, save
 
 from residuals_core import Residuals, ResidualsError, cli, compute_residuals, operations
+from residuals_core.card import markdown_text
 from residuals_core.options import Options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -655,7 +656,9 @@ def test_base_rows_the_instruct_model_lacks_get_a_zero_residual(tmp_path):
     assert torch.equal(state[embed][:rows], inst_state[embed] - base_state[embed][:rows])
     note = next(n for n in result.notes if "vocabulary rows" in n)
     assert f"instruct model has {rows} rows" in note and "difference there is zero" in note
-    assert note in (tmp_path / "res" / "README.md").read_text()  # the card says it too
+    assert (
+        markdown_text(note) in (tmp_path / "res" / "README.md").read_text()
+    )  # the card says it too, as text
     applied = operations.apply_residuals(tmp_path / "res", tmp_path / "target", tmp_path / "applied").path
     target_state, applied_state = load_state(tmp_path / "target"), load_state(applied)
     assert torch.equal(applied_state[embed][rows:], target_state[embed][rows:])  # those rows kept

@@ -135,7 +135,7 @@ def test_the_app_follows_a_job_until_its_repo_appears(hub, families):
             "--push-to", "alice/follow-merged"]  # fmt: skip
     info = jobs.run_job(argv, token=ALICE, image=IMAGE)
     updates = list(
-        app.follow_job([{"id": info.id, "url": info.url, "repo": "alice/follow-merged"}], ALICE, None)
+        app.follow_job([{"id": info.id, "owner": "alice", "repo": "alice/follow-merged"}], ALICE, None)
     )
     status, logs = updates[-1]
     assert "COMPLETED" in status and "alice/follow-merged" in status
