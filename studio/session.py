@@ -156,16 +156,16 @@ class SessionRegistry:
             if key in self._sessions:
                 self._sessions[key].last_seen = self.clock()
 
-    def close(self, key: str) -> None:
+    def close(self, key: str) -> list[Path]:
         """The session ended: its job is cancelled, its calls refused, its folders removed (now, or
         when its job has stopped, so the job ends on its Cancel rather than on missing files)."""
         with self._lock:
             self._closed[key] = self.clock()
             session = self._sessions.get(key)
-        if session is not None and not session.cancel():
-            self._remove(session)
+        removed = self._remove(session) if session is not None and not session.cancel() else []
         for callback in self._on_close:
             callback(key)
+        return removed
 
     def job_ended(self, key: str) -> None:
         """After a job: a session that ended while it ran is removed now."""
@@ -186,9 +186,7 @@ class SessionRegistry:
                 for k, s in self._sessions.items()
                 if k not in self._closed and now - s.last_seen > self.idle_seconds and not s.running
             ]
-        for key in idle:
-            self.close(key)
-        removed = []
+        removed = [path for key in idle for path in self.close(key)]
         with self._lock:
             ended = [s for k, s in self._sessions.items() if k in self._closed and not s.running]
         for session in ended:
