@@ -1237,9 +1237,7 @@ class NumberSlider(gr.Slider):
                 f"not {html.escape(repr(payload)[:40])}."
             )
         return super().preprocess(payload)
-    from collections.abc import Callable, Sequence
-    from typing import TYPE_CHECKING, Any, Literal
-
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
 
     if TYPE_CHECKING:

@@ -285,6 +285,12 @@ def _print_table(report: dict) -> None:
     )
     rel = report.get("relative")
     print(f"  total ‖R‖ = {report['total_norm']:.6g}" + (f"   ‖R‖/‖θ_base‖ = {rel:.4g}" if rel else ""))
+    claims = report["claims"]
+    if claims["mismatched"]:
+        print(
+            f"  warning: its manifest records norms for {claims['claimed']} tensors, {claims['mismatched']} of "
+            "which do not match the weights (every norm here is computed from the weights)"
+        )
     print(f"\n  {'layer':>10}  {'‖R‖':>12}  {'‖R‖/‖θ‖':>10}")
     for row in report["layers"]:
         r = f"{row['relative']:.4g}" if row.get("relative") is not None else "–"

@@ -222,3 +222,37 @@ def test_check_offers_a_job_beyond_what_the_space_should_take_on(families, monke
     monkeypatch.setattr(app, "SETTINGS", dataclasses.replace(app.SETTINGS, job_offer_seconds=0.5))
     text = app.check_models(str(fam["base"]), str(fam["instruct"]), "float32", True, None)
     assert "Run as a Job on my account" in text
+
+
+@needs_family
+def test_try_stops_at_its_time_budget_and_says_so(workspace, monkeypatch):
+    monkeypatch.setattr(app, "SETTINGS", dataclasses.replace(app.SETTINGS, try_max_seconds=0.0))
+    replies = app.try_models(
+        "Hello there", DEMO["base-v2"], DEMO["instruct-v1"], workspace, NoProgress(), merged=DEMO["base-v1"]
+    )
+    assert all(
+        "not generated" in reply and "0 s this Space gives one click" in reply for reply in replies[:3]
+    )
+
+
+def test_too_long_compute_and_merge_point_where_each_can_run(families, workspace, monkeypatch):
+    from residuals_core.hosting import HostLimits
+
+    fam = families("llama")
+    monkeypatch.setattr(app, "LIMITS", HostLimits(max_seconds=2, local_bytes_per_s=1e5))
+    with pytest.raises(gr.Error) as compute_refusal:
+        app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
+    assert "Run it as a Job" not in str(compute_refusal.value)  # Jobs on the Space run the merge only
+    assert "jobs run" in str(compute_refusal.value)  # … the command line can send a compute to Jobs
+    with pytest.raises(gr.Error, match="Run it as a Job on your account"):
+        app.merge(str(fam["base"]), str(fam["instruct"]), str(fam["target"]), 1.0, "same as target", None,
+                  workspace, NoProgress())  # fmt: skip
+
+
+def test_check_and_follow_run_few_at_once_and_heavy_actions_share_one_slot():
+    limits = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in app.demo.fns.values()}
+    assert limits["check"] == ("look", app.SETTINGS.check_concurrency)
+    assert limits["follow_job"] == ("follow", app.SETTINGS.check_concurrency)
+    for name in ("compute", "apply", "merge", "inspect", "try_models", "score_questions", "preview_export",
+                 "export_lora"):  # fmt: skip
+        assert limits[name] == ("heavy", app.SETTINGS.heavy_jobs), name
