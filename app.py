@@ -1296,20 +1296,22 @@ def push_merged(
 
 
 # ---- layout -----------------------------------------------------------------------------------------------
-class NumberSlider(gr.Slider):
-    """A slider that refuses, in words, a value that is not a number (anything can be sent through the API;
-    Gradio's own slider would fail without a message the visitor sees)."""
+def refusing_non_numbers(slider: gr.Slider) -> gr.Slider:
+    """The slider, refusing in words a value that is not a number (anything can be sent through the API,
+    and Gradio's own check fails without a message the visitor sees). Wrapped on the instance: a
+    subclass of a Gradio component makes Gradio write a .pyi stub beside this file."""
+    preprocess = slider.preprocess
 
-    def get_block_name(self) -> str:
-        return "slider"  # drawn by Gradio's slider
-
-    def preprocess(self, payload: Any) -> float:
+    def checked(payload: Any) -> float:
         if isinstance(payload, bool) or not isinstance(payload, (int, float)):
             raise gr.Error(
-                f"{self.label} must be a number from {self.minimum:g} to {self.maximum:g}, "
+                f"{slider.label} must be a number from {slider.minimum:g} to {slider.maximum:g}, "
                 f"not {html.escape(repr(payload)[:40])}."
             )
-        return super().preprocess(payload)
+        return preprocess(payload)
+
+    slider.preprocess = checked
+    return slider
 
 
 def push_box(label: str):
@@ -1403,7 +1405,9 @@ def build() -> gr.Blocks:
             residuals_path = gr.Textbox(label=f"Residuals ({FIELD_HINT})", placeholder="org/residuals")
             target = gr.Textbox(label="Target model (your CPT'd base)", value=POLICY.demo_name("base-v2"))
             with gr.Row():
-                scale = NumberSlider(0.0, 2.0, value=1.0, step=0.05, label="Scale α", min_width=WIDE)
+                scale = refusing_non_numbers(
+                    gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Scale α", min_width=WIDE)
+                )
                 out_dtype = gr.Dropdown(
                     ["same as target", "float32", "bfloat16", "float16"],
                     value="same as target",
@@ -1489,9 +1493,13 @@ def build() -> gr.Blocks:
                 )
                 with gr.Row():
                     x_mode = gr.Radio(["rank", "energy"], value="rank", label="Cut by", min_width=WIDE)
-                    x_rank = NumberSlider(1, 64, value=8, step=1, label="Rank", min_width=WIDE)
-                    x_energy = NumberSlider(
-                        0.5, 0.99, value=0.9, step=0.01, label="Energy kept per matrix", min_width=WIDE
+                    x_rank = refusing_non_numbers(
+                        gr.Slider(1, 64, value=8, step=1, label="Rank", min_width=WIDE)
+                    )
+                    x_energy = refusing_non_numbers(
+                        gr.Slider(
+                            0.5, 0.99, value=0.9, step=0.01, label="Energy kept per matrix", min_width=WIDE
+                        )
                     )
                 x_embeddings = gr.Checkbox(value=True, label="Adapt the embedding and output head too")
                 with gr.Row():
