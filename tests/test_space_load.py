@@ -150,7 +150,7 @@ def test_every_weight_reading_action_is_estimated_and_refused_beyond_the_limit(
     weight_reads = [e for e in hub_server.log if e["path"].startswith("cdn:") and e.get("range")]
     read = sum(int(b) - int(a) + 1 for e in weight_reads for a, b in [e["range"].split("=")[1].split("-")])
     assert 0 < read <= 4 * (header_bytes + 1024 * 1024)  # headers only, of 206 GB
-    assert files(folders["tmp"], folders["gradio"]) == before
+    assert not files(folders["tmp"], folders["gradio"]).keys() - before.keys()  # nothing new on disk
     visitor.close()
 
 
@@ -179,7 +179,7 @@ def test_a_closed_tab_cancels_its_job_and_its_queued_calls(space, hub_server, fa
         wait_for(lambda: not session_folders(folders), what="the session's folders go")
         after_cancel = len(hub_server.log)
         time.sleep(2)  # the queued compute's turn has come and gone
-        assert streamed < model_bytes / 2  # it stopped at its next tensor instead of streaming on
+        assert streamed < model_bytes / 2, (streamed, model_bytes)  # it stopped instead of streaming on
         assert len(hub_server.log) == after_cancel  # the queued call was refused: not one more request
     finally:
         hub_server.link.bytes_per_s = None
@@ -229,7 +229,7 @@ def test_uploads_are_refused_before_a_byte_is_stored(space):
     for name, body in (("big.bin", os.urandom(5_000_000)), ("page.html", b"<script>alert(1)</script>")):
         answer = httpx.post(url + "gradio_api/upload", files={"files": (name, body)}, timeout=60)
         assert answer.status_code == 403 and "takes no file uploads" in answer.text
-    assert files(folders["tmp"], folders["gradio"]) == before
+    assert not files(folders["tmp"], folders["gradio"]).keys() - before.keys()  # nothing stored
 
 
 # ---- 4. "small" files -----------------------------------------------------------------------------------------
@@ -330,6 +330,11 @@ def test_strangers_at_once_do_not_keep_an_honest_visitor_from_computing(
     watched = (folders["tmp"], folders["gradio"], folders["hf"])
     wait_for(lambda: not session_folders(folders), what="earlier sessions are gone")
     baseline = files(*watched)
+    alone = client(url)
+    started = time.monotonic()
+    alone.predict("demo:base-v1", "demo:instruct-v1", "float32", True, api_name="/compute")
+    took_alone = time.monotonic() - started
+    alone.close()
     stop = threading.Event()
     refusals: list[str] = []
 
@@ -375,5 +380,5 @@ def test_strangers_at_once_do_not_keep_an_honest_visitor_from_computing(
     honest.close()
     wait_for(lambda: files(*watched).keys() <= baseline.keys(), 90, "the disk returns to its baseline")
     with capsys.disabled():
-        print(f"\n[load] honest compute took {took:.1f} s beside {HOSTILE_CLIENTS} hostile clients "
-              f"({len(refusals)} hostile calls refused)")  # fmt: skip
+        print(f"\n[load] honest compute: {took_alone:.1f} s alone, {took:.1f} s beside {HOSTILE_CLIENTS} hostile "
+              f"clients ({len(refusals)} hostile calls refused meanwhile)")  # fmt: skip
