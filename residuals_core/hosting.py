@@ -97,14 +97,15 @@ def visitor_token(on_space: bool, oauth_token: str | None, pasted: str | None = 
 class HostLimits:
     """What one job may cost on this host; the throughputs turn bytes into a time estimate.
 
-    hub_bytes_per_s: how fast a Hub input streams to this host (the Space's link); local_bytes_per_s:
+    hub_bytes_per_s: how fast a Hub input streams to this host (the Space's link: a hosted Space streamed
+    150 GB in over an hour, so 40 MB/s, not the 100 MB/s a Job's machine gets); local_bytes_per_s:
     reading and writing local files together (the benchmark's ~1B merge moved 8 GB in 4.3 s on two
     cores; 1 GB/s leaves room for slower disks); svd_rate: m·n·min(m,n) per second of a matrix
     factorisation (two CPU cores did 5–10e9 on 1024–8192-wide matrices; a GPU does far more).
     """
 
     max_seconds: float = 30 * 60
-    hub_bytes_per_s: float = 100e6
+    hub_bytes_per_s: float = 40e6
     local_bytes_per_s: float = 1e9
     svd_rate: float = 4e9
 
