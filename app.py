@@ -317,6 +317,7 @@ def _job_hint(estimate: JobEstimate) -> str:
     )
 
 
+@ui_errors
 def cancel_job(workspace: dict[str, Any], request: gr.Request | None = None) -> str:
     """Ask the session's running job to stop: it does so at its next tensor and removes what it wrote."""
     if not _session(workspace, request).cancel():
@@ -1016,8 +1017,9 @@ def _session_models(session: Session, paths: list[str]) -> list[tuple]:
             del loaded[path]
         while len(_TRY_MODELS) > SETTINGS.try_sessions:
             evicted, _ = _TRY_MODELS.popitem(last=False)
-            with contextlib.suppress(ResidualsError):
-                shutil.rmtree(SESSIONS.session(evicted).folder / "try-cache", ignore_errors=True)
+            owner = SESSIONS.find(evicted)
+            if owner is not None:
+                shutil.rmtree(owner.folder / "try-cache", ignore_errors=True)
     for path in paths:
         if path not in loaded:
             loaded[path] = load_causal_lm(path, device=DEVICE)
@@ -1259,40 +1261,25 @@ def _streamed(result, workspace: dict[str, Any], kind: str) -> str:
 NEXT_STEP = {"residuals": "compute residuals", "merged": "apply or merge", "lora": "export an adapter"}
 
 
-@ui_errors
-def push_lora(
-    repo_name,
-    private,
-    token_field,
-    workspace,
-    oauth_token: gr.OAuthToken | None,
-    request: gr.Request | None = None,
-):
-    return _push("lora", repo_name, private, token_field, workspace, oauth_token, request)
+def _push_event(kind: str):
+    """The Push button of one kind of result (its api_name is push_<kind>)."""
+
+    @ui_errors
+    def push(
+        repo_name: str,
+        private: bool,
+        token_field: str | None,
+        workspace: dict[str, Any],
+        oauth_token: gr.OAuthToken | None,
+        request: gr.Request | None = None,
+    ) -> str:
+        return _push(kind, repo_name, private, token_field, workspace, oauth_token, request)
+
+    push.__name__ = push.__qualname__ = f"push_{kind}"
+    return push
 
 
-@ui_errors
-def push_residuals(
-    repo_name,
-    private,
-    token_field,
-    workspace,
-    oauth_token: gr.OAuthToken | None,
-    request: gr.Request | None = None,
-):
-    return _push("residuals", repo_name, private, token_field, workspace, oauth_token, request)
-
-
-@ui_errors
-def push_merged(
-    repo_name,
-    private,
-    token_field,
-    workspace,
-    oauth_token: gr.OAuthToken | None,
-    request: gr.Request | None = None,
-):
-    return _push("merged", repo_name, private, token_field, workspace, oauth_token, request)
+push_lora, push_residuals, push_merged = (_push_event(kind) for kind in ("lora", "residuals", "merged"))
 
 
 # ---- layout -----------------------------------------------------------------------------------------------

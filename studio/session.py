@@ -144,6 +144,11 @@ class SessionRegistry:
             session.last_seen = self.clock()
             return session
 
+    def find(self, key: str) -> Session | None:
+        """The session's folders if it has any, without making or touching them."""
+        with self._lock:
+            return self._sessions.get(key)
+
     def check_open(self, key: str) -> None:
         """Refuse a call of an ended session (a call that waited in the queue while its tab closed)."""
         with self._lock:
