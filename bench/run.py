@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     name = "results"
     for size in args.sizes:
         if args.hub:
-            from residuals_core.options import parse_size
+            from residuals_core.units import parse_size
 
             name = "hub-results"
             report["sizes"][str(size)] = bench_hub(

@@ -8,8 +8,8 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import ResidualsConfig
+from .hub import valid_repo_id
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _MARKDOWN_SPECIALS = re.compile(r"([\\`\[\]|!])")  # links, images, code, tables; < and > become entities
 
 
@@ -35,7 +35,7 @@ def markdown_text(text: object) -> str:
 
 def hub_id_or_none(name: str | None) -> str | None:
     """Only real Hub ids go into `base_model` metadata (the Hub rejects local paths there)."""
-    if name and _HUB_ID.match(name) and not name.startswith((".", "/")):
+    if name and "/" in name and valid_repo_id(name):
         return name
     return None
 

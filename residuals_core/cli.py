@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from . import __version__, operations
 from .errors import ResidualsError
-from .options import Options, parse_size
+from .options import Options
+from .units import parse_size
 
 EPILOG = """examples:
   # 1. residuals of an instruct model over its base (float32: exact reconstruction)

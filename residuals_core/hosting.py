@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .demo import DEMO_MODELS, DEMO_PREFIX, demo_model
 from .errors import ResidualsError
 from .hub import HUB_PREFIX, looks_like_local_path
+from .units import format_duration, format_size
 
 SESSION_RESIDUALS = "this session's residuals"
 SESSION_MERGED = "this session's merged model"
@@ -135,17 +136,17 @@ class JobEstimate:
     def describe(self) -> str:
         read = []
         if self.hub_read_bytes:
-            read.append(f"{_size(self.hub_read_bytes)} streamed from the Hub")
+            read.append(f"{format_size(self.hub_read_bytes)} streamed from the Hub")
         if self.local_read_bytes:
-            read.append(f"{_size(self.local_read_bytes)} from local files")
+            read.append(f"{format_size(self.local_read_bytes)} from local files")
         factorise = (
-            f", factorises its matrices (about {_duration(self.factorise_seconds)})"
+            f", factorises its matrices (about {format_duration(self.factorise_seconds)})"
             if self.factorise_seconds >= 1
             else ""
         )
         return (
-            f"reads {' and '.join(read) or 'nothing'}{factorise}, writes {_size(self.write_bytes)}, "
-            f"about {_duration(self.seconds)} here"
+            f"reads {' and '.join(read) or 'nothing'}{factorise}, writes {format_size(self.write_bytes)}, "
+            f"about {format_duration(self.seconds)} here"
         )
 
 
@@ -177,22 +178,10 @@ def refuse_if_too_long(estimate: JobEstimate, limits: HostLimits, *, kind: str =
     or merge, which a hosted app can hand to a Job, "other" for the rest."""
     if estimate.seconds > limits.max_seconds:
         raise ResidualsError(
-            f"This job {estimate.describe()}: more than the {_duration(limits.max_seconds)} a job may take "
+            f"This job {estimate.describe()}: more than the {format_duration(limits.max_seconds)} a job may take "
             "on this Space.",
             TOO_LONG_FIXES[kind],
         )
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 # What a visitor can act on: the engine's fixes speak to someone at a shell (tokens in environment

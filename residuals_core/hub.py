@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -38,7 +37,6 @@ LARGE_FILE_BYTES = 1024 * 1024  # a pushed folder's files this large are uploade
 RATE_LIMIT_RETRIES = 6  # waits for a rate limit to reset before a call gives up
 MAX_RATE_LIMIT_WAIT_S = 330  # the Hub's windows are 5 minutes
 
-HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 # The small files the engine reads from a Hub model, by name: nothing else of a repo is fetched
 # (a repo's README, extra tokenizer dumps or notebooks are never needed to stream its weights).
 SMALL_FILES = (
@@ -83,14 +81,23 @@ def looks_like_local_path(name: str) -> bool:
 HUB_PREFIX = "hf://"  # names the Hub explicitly: never read as a local folder, whatever exists on disk
 
 
+def valid_repo_id(name: str) -> bool:
+    """The Hub's own rule for a repo id, 'name' or 'namespace/name' (huggingface_hub's validate_repo_id)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def is_hub_id(name: str) -> bool:
     """True for 'org/model' style ids that are not an existing local path, and for any 'hf://org/model'."""
     if name.startswith(HUB_PREFIX):
         bare = name.removeprefix(HUB_PREFIX)
-        return not looks_like_local_path(bare) and bool(HUB_ID.match(bare))
-    return (
-        not Path(name).expanduser().exists() and not looks_like_local_path(name) and bool(HUB_ID.match(name))
-    )
+        return not looks_like_local_path(bare) and valid_repo_id(bare)
+    return not Path(name).expanduser().exists() and not looks_like_local_path(name) and valid_repo_id(name)
 
 
 def _check_local_name(name: str) -> None:

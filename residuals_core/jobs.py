@@ -21,6 +21,7 @@ from typing import Any
 from .checkpoint import INDEX_NAME, read_json, select_weight_files
 from .errors import ResidualsError
 from .hub import hub_errors, is_hub_id, with_rate_limits
+from .units import format_duration, format_size
 
 JOB_COMMANDS = ("compute", "apply", "merge", "lora")
 JOB_LABELS = {"created-by": "residuals-studio"}
@@ -50,9 +51,9 @@ class JobPlan:
             else f"{TIMEOUT_FACTOR:g} x the estimate + {TIMEOUT_MARGIN_S // 60} min; --timeout to change it"
         )
         return (
-            f"reads {self.read_bytes / 1e9:.2f} GB, writes about {self.write_bytes / 1e9:.2f} GB: about "
-            f"{duration(self.estimate_s)} at {JOB_LINK_BYTES_PER_S / 1e6:.0f} MB/s; timeout "
-            f"{duration(self.timeout_s)} ({why})"
+            f"reads {format_size(self.read_bytes)}, writes about {format_size(self.write_bytes)}: about "
+            f"{format_duration(self.estimate_s)} at {JOB_LINK_BYTES_PER_S / 1e6:.0f} MB/s; timeout "
+            f"{format_duration(self.timeout_s)} ({why})"
         )
 
 
@@ -61,11 +62,6 @@ class SubmittedJob:
     id: str
     url: str
     plan: JobPlan
-
-
-def duration(seconds: float) -> str:
-    minutes = math.ceil(seconds / 60)
-    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def parse_timeout(text: str | int | float) -> int:
@@ -191,7 +187,7 @@ def run_job(
     if token_expires_at is not None and time.time() + plan.estimate_s > token_expires_at:
         left = max(0.0, token_expires_at - time.time())
         raise ResidualsError(
-            f"This job takes about {duration(plan.estimate_s)}, but your login expires in {duration(left)}: "
+            f"This job takes about {format_duration(plan.estimate_s)}, but your login expires in {format_duration(left)}: "
             "the job would lose the right to push its result before it ends.",
             "Log out and in again (a fresh login lasts 8 hours), then submit it; or choose smaller models.",
         )

@@ -6,7 +6,6 @@ below the public functions looks at environment variables or globals for them.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -18,6 +17,7 @@ import torch
 from .errors import ResidualsError
 from .hub import DEFAULT_MAX_SMALL_FILE_BYTES
 from .sources import DEFAULT_READ_AHEAD_BYTES
+from .units import parse_size
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 Progress = Callable[[int, int, str], None]
@@ -89,45 +89,6 @@ def make_options(options: Options | None, overrides: dict[str, Any]) -> Options:
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
     return (options or Options()).with_(**overrides) if overrides else (options or Options())
-
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-
-
-def parse_size(value: int | str) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count, as huggingface_hub's splitter reads them."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if not isinstance(value, str):
-        raise ResidualsError(
-            f"{value!r} is not a size.", "Give a size such as 5GB, 500MB or 2GiB (or a number of bytes)."
-        )
-    text = value.strip().upper().replace(" ", "")
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number) :]
-    try:
-        size = float(number) * _UNITS[unit]
-        if not math.isfinite(size):
-            raise ValueError(value)
-    except (ValueError, KeyError):
-        raise ResidualsError(
-            f"{value!r} is not a size.", "Give a size such as 5GB, 500MB or 2GiB (or a number of bytes)."
-        ) from None
-    if size < 1:
-        raise ResidualsError(
-            f"A shard size of {value!r} is not a positive size.", "Give a size such as 5GB or 500MB."
-        )
-    return int(size)
 
 
 def work_dir(options: Options) -> Path:

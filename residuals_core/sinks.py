@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import Cancelled, ResidualsError, from_os_error
 from .options import Options, work_dir
+from .units import format_size
 
 UPLOAD_SLOTS = 2  # shards on local disk at once with a Hub sink (being written or uploading)
 DISK_MARGIN_BYTES = 1024 * 1024  # config, manifest, card and the file system's own, beyond the tokenizer
@@ -102,20 +103,14 @@ def check_disk(sink: Sink, shard_sizes: list[int], small_files: int = 0) -> None
     if isinstance(sink, HubRepoSink):
         raise ResidualsError(
             f"Not enough free disk at {probe}: pushing to the Hub keeps up to two output shards here at a time, "
-            f"{_size(needed)} with these shards (+{_size(small)} for small files), and {_size(free)} are free.",
+            f"{format_size(needed)} with these shards (+{format_size(small)} for small files), and {format_size(free)} are free.",
             "Use a smaller --max-shard-size (e.g. 1GB), free some space, or point TMPDIR (work_dir=) at a larger disk.",
         )
     raise ResidualsError(
-        f"Not enough free disk at {probe}: the output needs about {_size(needed + small)}, "
-        f"{_size(free)} are free.",
+        f"Not enough free disk at {probe}: the output needs about {format_size(needed + small)}, "
+        f"{format_size(free)} are free.",
         "Free some space, choose an output folder on a larger disk, or push straight to the Hub with --push-to.",
     )
-
-
-def _size(nbytes: int) -> str:
-    if nbytes >= 10**9:
-        return f"{nbytes / 1e9:.2f} GB"
-    return f"{nbytes / 1e6:.1f} MB"
 
 
 # ---- a local folder ---------------------------------------------------------------------------------

@@ -90,23 +90,6 @@ class HubLocation:
     token: str | bool | None = None
 
 
-class ReadStats:
-    """Bytes fetched from the Hub by every reader of a run (for the benchmark and the request log)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.bytes = 0
-        self.retries = 0
-
-    def add(self, nbytes: int = 0, retries: int = 0) -> None:
-        with self.lock:
-            self.bytes += nbytes
-            self.retries += retries
-
-
-HUB_READS = ReadStats()
-
-
 class HubFile(ByteReader):
     """A Hub file read in file order with read-ahead, retried and resumed, its sha256 checked.
 
@@ -167,7 +150,6 @@ class HubFile(ByteReader):
                 f"The Hub kept failing to send {self.label} ({exc}).", "Try again later."
             ) from exc
         data = response.content
-        HUB_READS.add(len(data))
         if len(data) != end - offset + 1:
             raise ResidualsError(
                 f"{self.label}: the Hub sent {len(data)} bytes for a {end - offset + 1}-byte range.",
@@ -314,7 +296,6 @@ class _Stream:
         while position + len(pending) < file.size:
             start = position + len(pending)
             headers = {**file._headers, "Range": f"bytes={start}-{file.size - 1}"}
-            received = 0
             try:
                 with (
                     _hub_read_errors(file.label),
@@ -330,7 +311,6 @@ class _Stream:
                     cut: Exception | None = None
                     try:
                         for data in response.iter_bytes(RECEIVE_BYTES):
-                            received += len(data)
                             pending += data
                             while len(pending) >= CHUNK_BYTES:
                                 if not self._emit(bytes(pending[:CHUNK_BYTES])):
@@ -346,7 +326,6 @@ class _Stream:
                     raise cut
             except (httpx.TransportError, _RetryableRead) as exc:
                 failures += 1
-                HUB_READS.add(retries=1)
                 limited = getattr(exc, "rate_limit", None)
                 if failures >= RETRIES:
                     if limited is not None:
@@ -366,8 +345,6 @@ class _Stream:
                 else:
                     time.sleep(wait)
                     wait = min(MAX_RETRY_WAIT_S, wait * 2)
-            finally:
-                HUB_READS.add(received)
             if position + len(pending) > file.size:
                 raise ResidualsError(
                     f"{file.label}: the Hub sent more bytes than the file's size ({file.size}).",

@@ -209,7 +209,7 @@ def test_a_job_too_long_for_the_space_is_refused_with_the_numbers(families, work
     before = set(app.SESSIONS.root.iterdir()) if app.SESSIONS.root.is_dir() else set()
     with pytest.raises(
         gr.Error,
-        match=r"reads [\d.]+ MB from local files, writes [\d.]+ MB, about \d+ s here.*smaller models",
+        match=r"reads [\d.]+ [KMG]?B from local files, writes [\d.]+ [KMG]?B, about \d+ s here.*smaller models",
     ):
         app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
     assert set(app.SESSIONS.root.iterdir()) == before  # nothing was made for it

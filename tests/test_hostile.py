@@ -327,7 +327,7 @@ CASES = [
     ),
     Case(
         "disk-too-small-up-front", "fault",
-        lambda w: compute(w, w.mount(w.root / "tiny", "256k") / "out"), r"Not enough free disk.*\d+\.\d MB.*\d+\.\d MB are free",
+        lambda w: compute(w, w.mount(w.root / "tiny", "256k") / "out"), r"Not enough free disk.*\d+\.\d [KMG]B.*\d+\.\d [KMG]B are free",
         needs_root=True,
     ),
     # -- the index is data, not instructions --

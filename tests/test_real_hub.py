@@ -227,6 +227,6 @@ def test_a_job_that_would_outlive_the_login_is_refused(hub, family_on_hub):
     _, repos = family_on_hub
     argv = ["merge", "--base", repos["base"], "--instruct", repos["instruct"], "--target", repos["target"],
             "--push-to", "alice/late-login"]  # fmt: skip
-    with pytest.raises(ResidualsError, match=r"your login expires in 1 min"):
+    with pytest.raises(ResidualsError, match=r"your login expires in 30 s"):
         jobs.run_job(argv, token=ALICE, image="hf.co/spaces/a/b", token_expires_at=time.time() + 30)
     assert not hub.requests("POST", "/api/jobs/")
