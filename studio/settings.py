@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from residuals_core.hosting import HostLimits
+from studio.hosting import HostLimits
 
 
 def _number(environ: Mapping[str, str], name: str, default: float) -> float:

@@ -126,8 +126,9 @@ def test_no_token_or_a_foreign_namespace_refused(hub, capsys, monkeypatch):
 
 
 def test_the_app_follows_a_job_until_its_repo_appears(hub, families):
-    import app
     from residuals_core import jobs
+    from studio.settings import Settings
+    from studio.ui import build
 
     fam = families("llama")
     repos = upload_family(fam, "follow")
@@ -135,7 +136,9 @@ def test_the_app_follows_a_job_until_its_repo_appears(hub, families):
             "--push-to", "alice/follow-merged"]  # fmt: skip
     info = jobs.run_job(argv, token=ALICE, image=IMAGE)
     updates = list(
-        app.follow_job([{"id": info.id, "owner": "alice", "repo": "alice/follow-merged"}], ALICE, None)
+        build(Settings()).handlers["follow_job"](
+            [{"id": info.id, "owner": "alice", "repo": "alice/follow-merged"}], ALICE, None
+        )
     )
     status, logs = updates[-1]
     assert "COMPLETED" in status and "alice/follow-merged" in status

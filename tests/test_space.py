@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from app import CROSS_VERSION_EXAMPLES
 from residuals_core.demo import DEMO_FAMILY
+from studio.ui.apply_tab import CROSS_VERSION_EXAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_SECRET = "hf_space_secret"

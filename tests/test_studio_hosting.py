@@ -6,14 +6,13 @@ import pytest
 
 from residuals_core import ResidualsError
 from residuals_core.demo import DEMO_FAMILY
-from residuals_core.hosting import (
+from studio.hosting import (
     SESSION_MERGED,
     SESSION_RESIDUALS,
     HostLimits,
     InputPolicy,
     estimate_job,
     refuse_if_too_long,
-    visitor_token,
 )
 
 SPACE = InputPolicy(on_space=True)
@@ -64,13 +63,6 @@ def test_locally_folders_work_and_names_are_bounded():
         SPACE.resolve("  ", role="base")
 
 
-def test_visitor_tokens():
-    assert visitor_token(True, None, "hf_pasted") is False  # on a Space: never the Space's own, never pasted
-    assert visitor_token(True, "hf_visitor", None) == "hf_visitor"
-    assert visitor_token(False, None, " hf_pasted ") == "hf_pasted"
-    assert visitor_token(False, None, "") is None  # locally: the machine's own login
-
-
 def test_estimates_and_refusal():
     limits = HostLimits(max_seconds=60, hub_bytes_per_s=100e6, local_bytes_per_s=1e9)
     estimate = estimate_job([(4e9, True), (2e9, True), (1e9, False)], 2e9, limits)
@@ -85,7 +77,7 @@ def test_estimates_and_refusal():
 
 
 def test_fixes_are_said_as_a_visitor_can_act_on_them():
-    from residuals_core.hosting import visitor_fix
+    from studio.hosting import visitor_fix
 
     assert "Sign in" in visitor_fix("Check the id; for a private model pass a token (token=... / HF_TOKEN).")
     assert "try again in a minute" in visitor_fix(

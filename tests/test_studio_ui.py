@@ -1,6 +1,6 @@
-"""The Space: event functions called directly, then the launched app driven over its API and in a browser."""
+"""The Space's page (studio.ui): its event functions called directly on a page built with chosen
+settings, then the launched app driven over its API."""
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -8,9 +8,14 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-import app
 from residuals_core.demo import DEMO_FAMILY
+from studio.context import new_workspace
+from studio.hosting import HostLimits
+from studio.services import tryout
 from studio.session import RUNNING
+from studio.settings import Settings
+from studio.ui import build
+from studio.ui.common import gpu_seconds
 
 needs_family = pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,40 +27,57 @@ class NoProgress:
         pass
 
 
+@pytest.fixture(scope="module")
+def studio():
+    """The page as run locally, with the default settings."""
+    return build(Settings())
+
+
 @pytest.fixture
-def workspace():
-    ws = app.new_workspace()
+def events(studio):
+    return studio.handlers
+
+
+@pytest.fixture
+def workspace(studio):
+    ws = new_workspace()
     yield ws
-    app.drop_workspace(ws)
+    if ws.get("session"):
+        studio.ctx.sessions.close(ws["session"])
+
+
+def too_long_here() -> dict:
+    """A page whose jobs may take 2 s on a 100 kB/s disk: the tiny families' jobs are too long for it."""
+    return build(Settings(limits=HostLimits(max_seconds=2, local_bytes_per_s=1e5))).handlers
 
 
 # ---- event functions ----------------------------------------------------------------------------------------
-def test_push_logged_out_is_refused_before_any_work(workspace, hub):
+def test_push_logged_out_is_refused_before_any_work(workspace, hub, events):
     workspace["residuals"] = "/nonexistent"  # would fail loudly if any work started
     with pytest.raises(gr.Error, match=r"not logged in.*Nothing was pushed"):
-        app.push_residuals("name", True, "", workspace, None)
+        events["push_residuals"]("name", True, "", workspace, None)
     assert not hub.log
 
 
-def test_push_before_compute_says_what_to_do(workspace):
+def test_push_before_compute_says_what_to_do(workspace, events):
     with pytest.raises(gr.Error, match="compute residuals first"):
-        app.push_residuals("name", True, "hf_alice_write", workspace, None)
+        events["push_residuals"]("name", True, "hf_alice_write", workspace, None)
 
 
-def test_errors_are_actionable_gr_errors(workspace, tmp_path):
+def test_errors_are_actionable_gr_errors(workspace, tmp_path, events):
     with pytest.raises(gr.Error, match=r"No folder at .* Check the path"):
-        app.check_models(str(tmp_path / "missing"), str(tmp_path / "missing2"), "float32", True, None)
+        events["check"](str(tmp_path / "missing"), str(tmp_path / "missing2"), "float32", True, None)
     with pytest.raises(gr.Error, match="Fill in both"):
-        app.check_models("", "x", "float32", True, None)
-    with pytest.raises(gr.Error, match="run the Compute tab first"):
-        app.apply(
+        events["check"]("", "x", "float32", True, None)
+    with pytest.raises(gr.Error, match=r"No residuals in this session yet.*Run the Compute tab first"):
+        events["apply"](
             "this session's Compute result", "", "x", 1.0, "same as target", None, workspace, NoProgress()
         )
 
 
-def test_incompatible_models_error_in_ui(families, workspace):
+def test_incompatible_models_error_in_ui(studio, families, workspace, events):
     with pytest.raises(gr.Error, match="not have the same tensors"):
-        app.compute(
+        events["compute"](
             str(families("llama")["base"]),
             str(families("gpt2")["instruct"]),
             "float32",
@@ -64,18 +86,18 @@ def test_incompatible_models_error_in_ui(families, workspace):
             workspace,
             NoProgress(),
         )
-    assert not (app.SESSIONS.session(workspace["session"]).folder / "residuals").exists()
+    assert not (studio.ctx.sessions.session(workspace["session"]).folder / "residuals").exists()
 
 
 @needs_family
-def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
-    summary, bars, heat, archive, workspace, name = app.compute(
+def test_compute_apply_inspect_try_on_demo_family(workspace, hub, events):
+    summary, bars, heat, archive, workspace, name = events["compute"](
         DEMO["base-v1"], DEMO["instruct-v1"], "float32", True, None, workspace, NoProgress()
     )
     assert "bit for bit" in summary and name == "instruct-v1-residuals"
     assert list(bars["layer"]) == ["embed", "0", "1", "2", "3", "final_norm"]
     assert Path(archive).is_file() and heat.data[0].type == "heatmap"
-    summary, archive, workspace, name = app.apply(
+    summary, archive, workspace, name = events["apply"](
         "this session's Compute result",
         "",
         DEMO["base-v2"],
@@ -86,41 +108,43 @@ def test_compute_apply_inspect_try_on_demo_family(workspace, hub):
         NoProgress(),
     )
     assert "Merged model ready" in summary and Path(workspace["merged"], "model.safetensors").is_file()
-    _text, bars, rel, heat, table, cosine = app.inspect(
+    _text, bars, rel, heat, table, cosine = events["inspect"](
         "this session's Compute result", "", workspace["residuals"], None, workspace, NoProgress()
     )
     assert (rel["relative"] > 0).all() and len(table) > 5 and (cosine["cosine"] > 0.999).all()
-    base_out, merged_out, inst_out, verdict, _ = app.try_models(
-        app.example_prompts()[0], DEMO["base-v2"], DEMO["instruct-v1"], workspace, NoProgress()
+    base_out, merged_out, inst_out, verdict, _ = events["try_models"](
+        tryout.example_prompts()[0], DEMO["base-v2"], DEMO["instruct-v1"], workspace, NoProgress()
     )
     assert merged_out and base_out and inst_out
     assert verdict.startswith("**Expected:**") and verdict.count("format ") == 3  # a ✓/✗ per model
-    table = list(app.score_questions(DEMO["base-v2"], DEMO["instruct-v1"], workspace))
-    assert len(table) == app.SCORE_QUESTIONS and list(table[-1]["questions"]) == [app.SCORE_QUESTIONS] * 3
+    table = list(events["score_questions"](DEMO["base-v2"], DEMO["instruct-v1"], workspace))
+    assert (
+        len(table) == tryout.SCORE_QUESTIONS and list(table[-1]["questions"]) == [tryout.SCORE_QUESTIONS] * 3
+    )
     scores = table[-1].set_index("model")
     assert scores.loc["Merged", "format %"] > scores.loc["CPT'd base", "format %"]  # the paper's effect
-    url = app.push_merged("demo-merged", False, "hf_alice_write", workspace, None)
+    url = events["push_merged"]("demo-merged", False, "hf_alice_write", workspace, None)
     assert "alice/demo-merged" in url and "alice/demo-merged" in hub.repos
 
 
 @needs_family
-def test_gpu_duration_from_model_sizes_reads_headers_only(hub):
-    small = app._gpu_seconds(DEMO["base-v1"], "float32", True)
+def test_gpu_duration_from_model_sizes_reads_headers_only(studio, hub):
+    small = gpu_seconds(studio.ctx)(DEMO["base-v1"], "float32", True)
     assert small == 60  # 2 MB of weights
     assert not hub.log  # 'float32' and the flags were not taken for Hub ids
 
 
-def test_session_folder_removed_with_the_session():
-    ws = app.new_workspace()
-    session = app._session(ws, None)
+def test_session_folder_removed_with_the_session(studio, events):
+    ws = new_workspace()
+    session = studio.ctx.session(ws, None)
     Path(session.folder, "file").write_text("x")
     Path(session.downloads, "result.zip").write_text("x")
-    app.drop_workspace(ws)
+    studio.ctx.sessions.close(ws["session"])
     assert not session.folder.exists() and not session.downloads.exists()
     with pytest.raises(
         gr.Error, match=r"session has ended.*Reload the page"
     ):  # a call that waited in the queue
-        app.check_models("demo:base-v1", "demo:instruct-v1", "float32", True, None, ws)
+        events["check"]("demo:base-v1", "demo:instruct-v1", "float32", True, None, ws)
 
 
 def test_space_front_matter_is_valid():
@@ -170,16 +194,16 @@ class SlowProgress:
         time.sleep(0.05)
 
 
-def test_cancel_stops_the_job_and_keeps_the_earlier_result(families, workspace):
+def test_cancel_stops_the_job_and_keeps_the_earlier_result(studio, families, workspace, events):
     fam = families("llama")
-    app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
+    events["compute"](str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
     earlier = Path(workspace["residuals"])
     stamp = (earlier / "model.safetensors").stat().st_mtime_ns
     errors: list[str] = []
 
     def run():
         try:
-            app.compute(
+            events["compute"](
                 str(fam["base"]), str(fam["target"]), "float32", True, None, workspace, SlowProgress()
             )
         except gr.Error as exc:
@@ -187,47 +211,50 @@ def test_cancel_stops_the_job_and_keeps_the_earlier_result(families, workspace):
 
     job = threading.Thread(target=run)
     job.start()
-    folder = app.SESSIONS.session(workspace["session"]).folder
+    folder = studio.ctx.sessions.session(workspace["session"]).folder
     deadline = time.time() + 30
     while not (folder / RUNNING).exists() and time.time() < deadline:
         time.sleep(0.01)
     with pytest.raises(gr.Error, match="already running a job"):  # one heavy job per session
-        app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
-    assert "Cancelling" in app.cancel_job(workspace)
+        events["compute"](
+            str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress()
+        )
+    assert "Cancelling" in events["cancel"](workspace)
     job.join(timeout=60)
     assert errors and "cancelled" in errors[0]
     assert sorted(p.name for p in folder.iterdir()) == ["residuals"]  # no partial, no markers, no cache
     assert (earlier / "model.safetensors").stat().st_mtime_ns == stamp  # the earlier result is kept
-    assert "No job is running" in app.cancel_job(workspace)
+    assert "No job is running" in events["cancel"](workspace)
 
 
-def test_a_job_too_long_for_the_space_is_refused_with_the_numbers(families, workspace, monkeypatch):
-    from residuals_core.hosting import HostLimits
-
+def test_a_job_too_long_for_the_space_is_refused_with_the_numbers(studio, families, workspace):
     fam = families("llama")
-    monkeypatch.setattr(app, "LIMITS", HostLimits(max_seconds=2, local_bytes_per_s=1e5))
-    before = set(app.SESSIONS.root.iterdir()) if app.SESSIONS.root.is_dir() else set()
+    events = too_long_here()
+    root = studio.ctx.sessions.root
+    before = set(root.iterdir()) if root.is_dir() else set()
     with pytest.raises(
         gr.Error,
         match=r"reads [\d.]+ [KMG]?B from local files, writes [\d.]+ [KMG]?B, about \d+ s here.*smaller models",
     ):
-        app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
-    assert set(app.SESSIONS.root.iterdir()) == before  # nothing was made for it
+        events["compute"](
+            str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress()
+        )
+    assert (set(root.iterdir()) if root.is_dir() else set()) == before  # nothing was made for it
 
 
-def test_check_offers_a_job_beyond_what_the_space_should_take_on(families, monkeypatch):
+def test_check_offers_a_job_beyond_what_the_space_should_take_on(families, events):
     fam = families("llama")
-    text = app.check_models(str(fam["base"]), str(fam["instruct"]), "float32", True, None)
+    text = events["check"](str(fam["base"]), str(fam["instruct"]), "float32", True, None)
     assert "Run as a Job" not in text  # a small job: no offer
-    monkeypatch.setattr(app, "SETTINGS", dataclasses.replace(app.SETTINGS, job_offer_seconds=0.5))
-    text = app.check_models(str(fam["base"]), str(fam["instruct"]), "float32", True, None)
+    events = build(Settings(job_offer_seconds=0.5)).handlers
+    text = events["check"](str(fam["base"]), str(fam["instruct"]), "float32", True, None)
     assert "Run as a Job on my account" in text
 
 
 @needs_family
-def test_try_stops_at_its_time_budget_and_says_so(workspace, monkeypatch):
-    monkeypatch.setattr(app, "SETTINGS", dataclasses.replace(app.SETTINGS, try_max_seconds=0.0))
-    replies = app.try_models(
+def test_try_stops_at_its_time_budget_and_says_so(workspace):
+    events = build(Settings(try_max_seconds=0.0)).handlers
+    replies = events["try_models"](
         "Hello there", DEMO["base-v2"], DEMO["instruct-v1"], workspace, NoProgress(), merged=DEMO["base-v1"]
     )
     assert all(
@@ -235,24 +262,25 @@ def test_try_stops_at_its_time_budget_and_says_so(workspace, monkeypatch):
     )
 
 
-def test_too_long_compute_and_merge_point_where_each_can_run(families, workspace, monkeypatch):
-    from residuals_core.hosting import HostLimits
-
+def test_too_long_compute_and_merge_point_where_each_can_run(families, workspace):
     fam = families("llama")
-    monkeypatch.setattr(app, "LIMITS", HostLimits(max_seconds=2, local_bytes_per_s=1e5))
+    events = too_long_here()
     with pytest.raises(gr.Error) as compute_refusal:
-        app.compute(str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress())
+        events["compute"](
+            str(fam["base"]), str(fam["instruct"]), "float32", True, None, workspace, NoProgress()
+        )
     assert "Run it as a Job" not in str(compute_refusal.value)  # Jobs on the Space run the merge only
     assert "jobs run" in str(compute_refusal.value)  # … the command line can send a compute to Jobs
     with pytest.raises(gr.Error, match="Run it as a Job on your account"):
-        app.merge(str(fam["base"]), str(fam["instruct"]), str(fam["target"]), 1.0, "same as target", None,
+        events["merge"](str(fam["base"]), str(fam["instruct"]), str(fam["target"]), 1.0, "same as target", None,
                   workspace, NoProgress())  # fmt: skip
 
 
-def test_check_and_follow_run_few_at_once_and_heavy_actions_share_one_slot():
-    limits = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in app.demo.fns.values()}
-    assert limits["check"] == ("look", app.SETTINGS.check_concurrency)
-    assert limits["follow_job"] == ("follow", app.SETTINGS.check_concurrency)
+def test_check_and_follow_run_few_at_once_and_heavy_actions_share_one_slot(studio):
+    settings = studio.ctx.settings
+    limits = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in studio.demo.fns.values()}
+    assert limits["check"] == ("look", settings.check_concurrency)
+    assert limits["follow_job"] == ("follow", settings.check_concurrency)
     for name in ("compute", "apply", "merge", "inspect", "try_models", "score_questions", "preview_export",
                  "export_lora"):  # fmt: skip
-        assert limits[name] == ("heavy", app.SETTINGS.heavy_jobs), name
+        assert limits[name] == ("heavy", settings.heavy_jobs), name

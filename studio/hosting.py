@@ -1,10 +1,11 @@
-"""What a visitor of a hosted app may name as a model, and with whose token it is read.
+"""What a visitor of a hosted app may name as a model, and how long a job may take there.
 
 A hosted Space is one machine shared by strangers. There a model field accepts a Hub id, a model
 of the bundled demo family by its name (`demo:base-v1`), or one of the visitor's own session
 results by its label (`this session's residuals`) — never a server path, which would reach other
 sessions' results, the Space's files and the shared Hugging Face cache. Run locally, folders are
-accepted too. A visitor's reads carry the visitor's own token, or none: never the Space's secret.
+accepted too. A job is estimated from headers and refused beyond the host's limit, with what the
+visitor can do instead.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .demo import DEMO_MODELS, DEMO_PREFIX, demo_model
-from .errors import ResidualsError
-from .hub import HUB_PREFIX, looks_like_local_path
-from .units import format_duration, format_size
+from residuals_core.demo import DEMO_MODELS, DEMO_PREFIX, demo_model
+from residuals_core.errors import ResidualsError
+from residuals_core.hub import HUB_PREFIX, looks_like_local_path, valid_repo_id
+from residuals_core.units import format_duration, format_size
 
 SESSION_RESIDUALS = "this session's residuals"
 SESSION_MERGED = "this session's merged model"
@@ -57,19 +58,13 @@ class InputPolicy:
         return HUB_PREFIX + self._hub_id(name, role)
 
     def _hub_id(self, name: str, role: str) -> str:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
         bare = name.removeprefix(HUB_PREFIX)
-        try:
-            if looks_like_local_path(bare) or "/" not in bare:
-                raise HFValidationError(bare)
-            validate_repo_id(bare)
-        except HFValidationError:
+        if looks_like_local_path(bare) or "/" not in bare or not valid_repo_id(bare):
             raise ResidualsError(
                 f"The {role} field holds {name!r}: on this Space, models are Hub ids, and folders on the "
                 "server cannot be read.",
                 self._what_to_give(),
-            ) from None
+            )
         return bare
 
     def _what_to_give(self) -> str:
@@ -80,18 +75,6 @@ class InputPolicy:
                 f"'{SESSION_RESIDUALS}' / '{SESSION_MERGED}' for what you made in this session."
             )
         return f"Give a Hub model id such as Qwen/Qwen2.5-0.5B, a local folder, or a demo model ({demo})."
-
-
-def visitor_token(on_space: bool, oauth_token: str | None, pasted: str | None = None) -> str | bool | None:
-    """The token a visitor's Hub requests carry.
-
-    On a Space: the visitor's OAuth token when logged in, else False (no token at all — with
-    None, huggingface_hub would send the Space's own HF_TOKEN). Locally: a pasted token, else
-    the machine's own login (None).
-    """
-    if on_space:
-        return oauth_token or False
-    return (pasted or "").strip() or None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Export smaller: preview what a LoRA adapter of the residuals keeps, and write it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from residuals_core import export_lora, operations
+from residuals_core.errors import ResidualsError
+from residuals_core.lora import preview_lora
+
+from ..context import Progress, StudioContext, Workspace
+from ..hosting import JobEstimate
+from . import Delivery, deliver, residuals_source
+
+MAX_RANK = 64
+ENERGY_RANGE = (0.5, 0.99)
+
+
+@dataclass(frozen=True)
+class Previewed:
+    report: dict[str, Any]  # lora.preview_lora's
+    estimate: JobEstimate
+
+
+@dataclass(frozen=True)
+class Exported:
+    result: Any  # operations.Result
+    estimate: JobEstimate
+    delivery: Delivery
+
+
+def cut(mode: str, rank: Any, energy: Any) -> dict[str, Any]:
+    """The rank or energy cut as the sliders allow it; other values (sent through the API) are refused."""
+    try:
+        if mode == "rank" and 1 <= float(rank) <= MAX_RANK:
+            return {"rank": int(rank), "energy": None}
+        if mode == "energy" and ENERGY_RANGE[0] <= float(energy) <= ENERGY_RANGE[1]:
+            return {"rank": None, "energy": float(energy)}
+    except (TypeError, ValueError):
+        pass
+    raise ResidualsError(
+        "The cut is not one this Space makes.",
+        f"Cut by 'rank' (a whole number from 1 to {MAX_RANK}) or by 'energy' (a share from {ENERGY_RANGE[0]} to "
+        f"{ENERGY_RANGE[1]}).",
+    )
+
+
+def _planned(ctx, workspace, session_hash, source, path, token, embeddings):
+    ctx.check_open(workspace, session_hash)
+    target = residuals_source(ctx, source, path, workspace)
+    estimate = ctx.preflight([(target, "residuals")], token, None, writes=False, svd_embeddings=embeddings)
+    return target, estimate, ctx.session(workspace, session_hash)
+
+
+def preview(
+    ctx: StudioContext,
+    workspace: Workspace,
+    session_hash: str | None,
+    source: str,
+    path: str,
+    mode: str,
+    rank: Any,
+    energy: Any,
+    embeddings: bool,
+    token: str | bool | None,
+    progress: Progress,
+) -> Previewed:
+    """Per layer, the share of ‖R‖² the adapter would keep, and its size — before anything is written."""
+    chosen = cut(mode, rank, energy)
+    target, estimate, session = _planned(ctx, workspace, session_hash, source, path, token, embeddings)
+    with ctx.heavy_job(session, progress, "previewing", estimate) as (cache, report):
+        checkpoint, _ = operations.open_residuals(target, options=ctx.options(token, cache))
+        with checkpoint:
+            result = preview_lora(
+                checkpoint, embeddings=embeddings, device=ctx.device, progress=report, **chosen
+            )
+    return Previewed(result, estimate)
+
+
+def export(
+    ctx: StudioContext,
+    workspace: Workspace,
+    session_hash: str | None,
+    source: str,
+    path: str,
+    mode: str,
+    rank: Any,
+    energy: Any,
+    embeddings: bool,
+    token: str | bool | None,
+    progress: Progress,
+) -> Exported:
+    """The LoRA adapter into the session's folder, zipped for download (it is small), ready to push."""
+    chosen = cut(mode, rank, energy)
+    target, estimate, session = _planned(ctx, workspace, session_hash, source, path, token, embeddings)
+    with ctx.heavy_job(session, progress, "exporting", estimate) as (cache, report):
+        result = export_lora(
+            target,
+            session.output("lora"),
+            embeddings=embeddings,
+            options=ctx.options(token, cache, device=ctx.device, progress=report),
+            **chosen,
+        )
+        delivery = deliver(ctx, workspace, session, "lora", result, progress)
+    return Exported(result, estimate, delivery)
