@@ -251,37 +251,51 @@ def stream_into(
     return weights, tensor_stats
 
 
-def _ready_sink(
+def write_result(
     out_dir: str | os.PathLike | None,
-    plan: arithmetic.Plan,
     options: Options,
-    small_files_from: list[Path],
+    *,
     inputs: list[TensorSource],
+    shard_bytes: list[int],
+    write: Callable[[Sink], Result],
+    tokenizer_folders: list[Path] | None = None,
     card_data: Any = None,
-) -> Sink:
-    """The run's sink, after checking (before any work) that its local disk holds what it needs.
+    before_publish: Callable[[], None] | None = None,
+) -> Result:
+    """The one way a result is written, whatever it holds (residuals, a merged model, an adapter).
 
-    `small_files_from`: folders whose tokenizer the result may copy (their size counts too);
-    `inputs`: what the output must never touch; `card_data`: the card's metadata, checked by the
-    Hub before anything is uploaded.
+    Open the sink (a folder, or the Hub repo `options.push_to` after the Hub accepted the card's
+    metadata `card_data`), check before any work that its disk holds the shards `shard_bytes` plus
+    the tokenizer the result may copy from `tokenizer_folders`, let `write` fill it (weights, then
+    small files) and return its Result, run `before_publish` (a check whose failure must leave no
+    output), then publish: the folder renamed into place, or the one commit. The output never
+    touches `inputs`.
     """
     metadata = card.metadata_block(card_data) if card_data is not None else None
     sink = open_sink(out_dir, options, inputs=inputs, card_metadata=metadata)
-    small = max((sum(p.stat().st_size for p in tokenizer_files(f)) for f in small_files_from), default=0)
-    check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_bytes), small)
-    return sink
-
-
-def _name_of(sink: Sink) -> str:
-    return getattr(sink, "repo_id", None) or Path(sink.location).name
-
-
-def _published(result: Result, sink: Sink) -> Result:
+    small = max(
+        (sum(p.stat().st_size for p in tokenizer_files(f)) for f in tokenizer_folders or []), default=0
+    )
+    check_disk(sink, shard_bytes, small)
+    with sink:
+        result = write(sink)
+        if before_publish is not None:
+            before_publish()
     if getattr(sink, "repo_id", None):
         result.path, result.url = None, sink.location
     else:
         result.path = Path(sink.location)
     return result
+
+
+def plan_shards(plan: arithmetic.Plan, options: Options) -> list[int]:
+    """The sizes of the weight files a plan's output will be written as."""
+    return shard_sizes([o.info for o in plan.outputs], options.max_shard_bytes)
+
+
+def sink_name(sink: Sink) -> str:
+    """How a result's card names it: its Hub repo, or its folder's name."""
+    return getattr(sink, "repo_id", None) or Path(sink.location).name
 
 
 # ---- compute ---------------------------------------------------------------------------------------
@@ -326,9 +340,8 @@ def compute_residuals(
             language=language if language is not None else config.language if config else None,
             tags=tags if tags is not None else config.tags if config else None,
         )
-        with _ready_sink(
-            out_dir, plan, options, [inst_ck.folder], [base_ck, inst_ck], card_data=card_data
-        ) as sink:
+
+        def write(sink: Sink) -> Result:
             weights, tensor_stats = stream_into(
                 sink,
                 plan,
@@ -338,7 +351,7 @@ def compute_residuals(
                 reference_operand=0,
                 check_reconstruction=arithmetic.reconstruction_check,
             )
-            result = write_residuals_files(
+            return write_residuals_files(
                 sink.path,
                 weights,
                 infos=[o.info for o in plan.outputs],
@@ -354,11 +367,20 @@ def compute_residuals(
                 license=license,
                 language=language,
                 tags=tags,
-                card_name=card_name or _name_of(sink),
+                card_name=card_name or sink_name(sink),
             )
+
+        return write_result(
+            out_dir,
+            options,
+            inputs=[base_ck, inst_ck],
+            shard_bytes=plan_shards(plan, options),
+            write=write,
+            tokenizer_folders=[inst_ck.folder],
+            card_data=card_data,
+        )
     finally:
         _close_all(base_ck, inst_ck)
-    return _published(result, sink)
 
 
 # ---- apply and merge -------------------------------------------------------------------------------
@@ -517,11 +539,10 @@ def _merge_into(
         license=license,
         language=language,
     )
-    with _ready_sink(
-        out_dir, plan, options, [target.folder, *tokenizer_folders], inputs, card_data=card_data
-    ) as sink:
+
+    def write(sink: Sink) -> Result:
         weights, tensor_stats = stream_into(sink, plan, combine, options, inputs=inputs, reference_operand=0)
-        result = write_model_files(
+        return write_model_files(
             sink.path,
             weights,
             plan=plan,
@@ -534,11 +555,19 @@ def _merge_into(
             scale=scale,
             license=license,
             language=language,
-            card_name=_name_of(sink),
+            card_name=sink_name(sink),
         )
-        if before_publish is not None:
-            before_publish()  # e.g. the residuals' checksum check: raising here leaves no output
-    return _published(result, sink)
+
+    return write_result(
+        out_dir,
+        options,
+        inputs=inputs,
+        shard_bytes=plan_shards(plan, options),
+        write=write,
+        tokenizer_folders=[target.folder, *tokenizer_folders],
+        card_data=card_data,
+        before_publish=before_publish,  # e.g. the residuals' checksum check: raising here leaves no output
+    )
 
 
 # ---- pushing finished folders, checks and views -----------------------------------------------------
@@ -716,9 +745,8 @@ def export_lora(
             if adapted_module(n, embeddings=embeddings) and len(i.shape) == 2
         ]
         bound = sum((min(rank, *s) if rank else min(s)) * sum(s) * 4 for s in shapes)
-        sink = open_sink(out_dir, options, inputs=inputs)
-        check_disk(sink, [bound])
-        with sink:
+
+        def write(sink: Sink) -> Result:
             report = extract_lora(
                 source,
                 sink.path,
@@ -733,19 +761,20 @@ def export_lora(
             (sink.path / "lora_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
             (sink.path / "README.md").write_text(
                 adapter_card(
-                    name=_name_of(sink),
+                    name=sink_name(sink),
                     base_model=public_name(base_name),
-                    lineage=f"`{public_name(instruct_name)}` − `{public_name(base_name)}`",
+                    lineage=f"{card.code_span(public_name(instruct_name))} − {card.code_span(public_name(base_name))}",
                     report=report,
                     rank=rank,
                     energy=energy,
                 ),
                 encoding="utf-8",
             )
+            return Result(path=None, tensors={}, summary=report.as_dict(), manifest={})
+
+        return write_result(out_dir, options, inputs=inputs, shard_bytes=[bound], write=write)
     finally:
         _close_all(source)
-    result = Result(path=None, tensors={}, summary=report.as_dict(), manifest={})
-    return _published(result, sink)
 
 
 @reports_os_errors
@@ -790,12 +819,13 @@ def sparsify_residuals(
         )
         plan.notes.append(f"sparsified from {public_name(residuals)}: " + "; ".join(done))
         tokenizer = folder_tokenizer(source.folder, config.tokenizer_name)
-        with _ready_sink(out_dir, plan, options, [source.folder], [source]) as sink:
+
+        def write(sink: Sink) -> Result:
             weights, measured = stream_into(
                 sink, plan, lambda pieces, out, into: (pieces[0], pieces[0]), options, inputs=[view],
                 reference_operand=None,
             )  # fmt: skip
-            result = write_residuals_files(
+            return write_residuals_files(
                 sink.path,
                 weights,
                 infos=[o.info for o in plan.outputs],
@@ -807,8 +837,12 @@ def sparsify_residuals(
                 tokenizer=tokenizer,
                 generation_config=source.folder / "generation_config.json",
                 config=copy.deepcopy(config),
-                card_name=_name_of(sink),
+                card_name=sink_name(sink),
             )
+
+        return write_result(
+            out_dir, options, inputs=[source], shard_bytes=plan_shards(plan, options), write=write,
+            tokenizer_folders=[source.folder],
+        )  # fmt: skip
     finally:
         source.close()
-    return _published(result, sink)

@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint, StateDictSource, TensorSource, dtype_from_na
 from .config import ResidualsConfig, build_config
 from .errors import ResidualsError, reports_os_errors
 from .options import DEFAULT_MAX_SHARD_SIZE, Options
-from .sinks import FolderSink, check_disk, open_sink
+from .sinks import FolderSink
 from .tokenizer import (
     align_tokenizer_and_embeddings,
     copy_tokenizer,
@@ -34,7 +34,6 @@ from .tokenizer import (
     load_tokenizer,
     resize_model_to_tokenizer,
 )
-from .writer import shard_sizes
 
 ModelLike = Any  # a transformers PreTrainedModel, a local path or a Hub id
 
@@ -393,36 +392,38 @@ class Residuals:
             else (lambda target: copy_tokenizer(folder, target)),
         )
         recorded = self._stats.get("tensors")
+
+        def write(sink) -> operations.Result:
+            weights, measured = operations.stream_into(
+                sink, plan, lambda pieces, o, into: (pieces[0], pieces[0]), options, inputs=[source],
+                reference_operand=None,
+            )  # fmt: skip
+            same_dtype = dtype is None or dtype_name(dtype) == self.config.dtype
+            return write_residuals_files(
+                sink.path,
+                weights,
+                infos=[o.info for o in plan.outputs],
+                plan=None,
+                tensor_stats=recorded or {n: s.as_dict() for n, s in measured.items()},
+                reconstruction=self._stats.get("reconstruction") if same_dtype else None,
+                base_name=self.config.base_model_name,
+                instruct_name=self.config.instruct_model_name,
+                tokenizer=choice,
+                generation_config=(folder / "generation_config.json") if folder else None,
+                config=copy.deepcopy(self.config),
+                card_name=card_name or operations.sink_name(sink),
+            )
+
         try:
-            sink = open_sink(out_dir, options, inputs=[source])
-            check_disk(sink, shard_sizes([o.info for o in plan.outputs], options.max_shard_bytes))
-            with sink:
-                weights, measured = operations.stream_into(
-                    sink,
-                    plan,
-                    lambda pieces, o, into: (pieces[0], pieces[0]),
-                    options,
-                    inputs=[source],
-                    reference_operand=None,
-                )
-                same_dtype = dtype is None or dtype_name(dtype) == self.config.dtype
-                result = write_residuals_files(
-                    sink.path,
-                    weights,
-                    infos=[o.info for o in plan.outputs],
-                    plan=None,
-                    tensor_stats=recorded or {n: s.as_dict() for n, s in measured.items()},
-                    reconstruction=self._stats.get("reconstruction") if same_dtype else None,
-                    base_name=self.config.base_model_name,
-                    instruct_name=self.config.instruct_model_name,
-                    tokenizer=choice,
-                    generation_config=(folder / "generation_config.json") if folder else None,
-                    config=copy.deepcopy(self.config),
-                    card_name=card_name or getattr(sink, "repo_id", None) or Path(sink.location).name,
-                )
+            return operations.write_result(
+                out_dir,
+                options,
+                inputs=[source],
+                shard_bytes=operations.plan_shards(plan, options),
+                write=write,
+            )
         finally:
             source.close()
-        return operations._published(result, sink)
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
