@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, operations
 from .errors import ResidualsError
-from .options import Options
+from .options import OPTION_NAMES, Options
 from .units import parse_size
 
 EPILOG = """examples:
@@ -298,18 +298,25 @@ def _print_table(report: dict) -> None:
         print(f"  {row['layer']:>10}  {row['norm']:>12.6g}  {r:>10}")
 
 
+# The run flags are Options fields by name (--max-shard-size -> max_shard_size): one way to pass options.
+CLI_OPTIONS = (
+    "device",
+    "max_shard_size",
+    "overwrite",
+    "fsync",
+    "direct_io",
+    "token",
+    "allow_pickle",
+    "push_to",
+    "private",
+)
+assert set(CLI_OPTIONS) <= OPTION_NAMES, set(CLI_OPTIONS) - OPTION_NAMES
+
+
 def _options(args: argparse.Namespace, progress: _TqdmProgress) -> Options:
+    """The Options a command's flags give (those it has), with the progress bar."""
     return Options(
-        device=args.device,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        direct_io=args.direct_io,
-        token=args.token,
-        allow_pickle=args.allow_pickle,
-        push_to=args.push_to,
-        private=args.private,
-        progress=progress,
+        **{name: getattr(args, name) for name in CLI_OPTIONS if hasattr(args, name)}, progress=progress
     )
 
 

@@ -594,16 +594,17 @@ def check_compatibility(
     target: str | os.PathLike | None = None,
     normalize_embeddings: bool = True,
     dtype: str | torch.dtype = torch.float32,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    options: Options | None = None,
+    **option_overrides: Any,
 ) -> dict[str, Any]:
     """What compute (or merge, with `target`) would do, from headers alone: seconds, no weight read.
 
     Raises the same ResidualsError the real run would; otherwise returns architecture, layers,
-    vocabulary, tied embeddings, size on disk and the expected output size.
+    vocabulary, tied embeddings, size on disk and the expected output size. Further keywords are
+    `Options` fields (token, cache_dir, ...).
     """
     storage = _float_dtype(dtype)
-    options = Options(token=token, cache_dir=cache_dir)
+    options = make_options(options, option_overrides)
     roles = [(base, "base"), (instruct, "instruct"), (target, "target")]
     opened = open_models([(m, r) for m, r in roles if m is not None], options)
     try:

@@ -24,7 +24,7 @@ from .artifacts import TokenizerChoice, instruct_tokenizer_choice, write_residua
 from .checkpoint import Checkpoint, StateDictSource, TensorSource, dtype_from_name, dtype_name
 from .config import ResidualsConfig, build_config
 from .errors import ResidualsError, reports_os_errors
-from .options import DEFAULT_MAX_SHARD_SIZE, Options
+from .options import DEFAULT_MAX_SHARD_SIZE, Options, make_options
 from .sinks import FolderSink
 from .tokenizer import (
     align_tokenizer_and_embeddings,
@@ -346,14 +346,18 @@ class Residuals:
         self,
         out_dir: str | os.PathLike,
         *,
-        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-        overwrite: bool = False,
-        progress: arithmetic.Progress | None = None,
+        options: Options | None = None,
         _card_name: str | None = None,
+        **option_overrides: Any,
     ) -> Path:
-        """Write weights, tokenizer, config.json, manifest and README.md; atomically."""
+        """Write weights, tokenizer, config.json, manifest and README.md; atomically. Further keywords
+        are `Options` fields (max_shard_size, overwrite, progress, fsync, ...)."""
         out_dir = Path(out_dir)
-        options = Options(max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+        options = make_options(options, option_overrides)
+        if options.push_to is not None:
+            raise ResidualsError(
+                "save_pretrained writes a folder.", "Use push_to_hub(repo_id) to write to the Hub."
+            )
         self._save(out_dir, options, card_name=_card_name or out_dir.name)
         return out_dir.absolute()
 
@@ -699,7 +703,8 @@ class Residuals:
         exist_ok: bool = True,
         token: str | None = None,
         *,
-        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        options: Options | None = None,
+        **option_overrides: Any,
     ) -> str:
         """Stream the residuals straight into a Hub repo (card written for it); returns the repo URL.
 
@@ -713,5 +718,5 @@ class Residuals:
                 raise ResidualsError(
                     f"{repo_id} already exists.", "Choose another name or pass exist_ok=True."
                 )
-        options = Options(max_shard_size=max_shard_size, push_to=repo_id, private=private, token=token)
+        options = make_options(options, option_overrides).with_(push_to=repo_id, private=private, token=token)
         return self._save(None, options, card_name=None).url

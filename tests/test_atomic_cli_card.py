@@ -299,3 +299,29 @@ def test_merged_card_lineage():
     assert data["base_model"] == ["me/cpt-base", "org/instruct"]
     assert data["base_model_relation"] == "merge"
     assert "ab" * 32 in card.text
+
+
+def test_every_run_flag_is_an_options_field_and_reaches_it():
+    """The command line passes options one way: each run flag is the Options field of the same name."""
+    from residuals_core import cli
+    from residuals_core.options import OPTION_NAMES
+
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("compute", "apply", "merge", "sparsify", "lora"):
+        dests = {a.dest for a in commands[name]._actions}
+        assert dests & OPTION_NAMES == set(cli.CLI_OPTIONS), name
+        args = parser.parse_args(
+            [name, *REQUIRED[name], "--push-to", "me/out", "--max-shard-size", "2GB", "--fsync"]
+        )
+        options = cli._options(args, None)
+        assert (options.push_to, options.max_shard_bytes, options.fsync) == ("me/out", 2 * 10**9, True)
+
+
+REQUIRED = {
+    "compute": ["--base", "a/b", "--instruct", "a/c"],
+    "apply": ["--residuals", "a/r", "--model", "a/m"],
+    "merge": ["--base", "a/b", "--instruct", "a/c", "--target", "a/t"],
+    "sparsify": ["--residuals", "a/r", "--dare", "0.5"],
+    "lora": ["--residuals", "a/r", "--rank", "4"],
+}
