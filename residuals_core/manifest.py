@@ -56,11 +56,6 @@ def write_manifest(
     return files
 
 
-def verify_manifest(checkpoint: Checkpoint) -> None:
-    """Refuse a residuals folder whose files do not match the checksums and sizes recorded when it was written."""
-    ManifestCheck(checkpoint).wait()
-
-
 class ManifestCheck:
     """Check a checkpoint's files against its manifest: sizes at once, checksums in a background thread.
 
@@ -68,11 +63,10 @@ class ManifestCheck:
     read the same cached pages), and calls `wait()` before its output is published.
     """
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, manifest: dict[str, Any] | None):
         self.folder = checkpoint.folder
         self.label = checkpoint.label
         self._problem: ResidualsError | None = None
-        manifest = read_manifest(self.folder)
         entries = (manifest or {}).get("files", {})  # no manifest: another tool wrote it, nothing to check
         local: dict[str, dict[str, Any]] = {}
         for name, entry in entries.items():

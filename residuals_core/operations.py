@@ -10,9 +10,11 @@ or a Hub repo (`push_to=`). How the run reads and writes travels as one `Options
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,14 @@ from .artifacts import (
 from .checkpoint import Checkpoint, TensorInfo, TensorSource, dtype_from_name, read_json
 from .config import ResidualsConfig, shapes_hash
 from .errors import ResidualsError, reports_os_errors
-from .manifest import MANIFEST_NAME, ManifestCheck, read_manifest, verify_manifest
+from .manifest import MANIFEST_NAME, ManifestCheck, read_manifest
 from .options import Options, make_options
 from .sinks import Sink, check_disk, open_sink
 from .tokenizer import tokenizer_files
 from .writer import ShardWriter, shard_sizes
 
 __all__ = [
+    "ResidualsFolder",
     "Result",
     "apply_residuals",
     "check_compatibility",
@@ -101,32 +104,68 @@ def open_models(models: list[tuple[Any, str]], options: Options) -> list[Checkpo
     return [f.result() for f in futures]
 
 
+@dataclass
+class ResidualsFolder:
+    """A residuals folder or Hub repo, read once: its weights (a Checkpoint, streamed), config.json,
+    manifest, tokenizer and vocabulary rows. Every user of residuals gets them from here."""
+
+    checkpoint: Checkpoint
+    config: ResidualsConfig
+    manifest: dict[str, Any] | None  # None: written by another tool (e.g. the residuals package)
+
+    @functools.cached_property
+    def tokenizer(self) -> TokenizerChoice:
+        """The tokenizer saved with the residuals (copied into a result), its length read once."""
+        return folder_tokenizer(self.checkpoint.folder, self.config.tokenizer_name)
+
+    @property
+    def vocab_rows(self) -> int | None:
+        return (self.manifest or {}).get("vocab_rows")
+
+    def checksums(self) -> ManifestCheck:
+        """The files against the manifest: sizes now, hashes in a background thread (`wait()` for them)."""
+        return ManifestCheck(self.checkpoint, self.manifest)
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+    def __enter__(self) -> ResidualsFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def open_residuals(
     name_or_path: str | os.PathLike,
     *,
     options: Options | None = None,
     revision: str | None = None,
     verify: bool = True,
-) -> tuple[Checkpoint, ResidualsConfig]:
-    """A residuals folder or Hub repo (streamed like any model), with its config; checksums verified."""
+) -> ResidualsFolder:
+    """A residuals folder or Hub repo (streamed like any model), with its config and manifest; with
+    `verify` its files are checked against the manifest before it is returned."""
     checkpoint = open_model(name_or_path, role="residuals", options=options, revision=revision)
     folder = checkpoint.folder
-    if not (folder / "config.json").is_file():
+    try:
+        if not (folder / "config.json").is_file():
+            raise ResidualsError(
+                f"{name_or_path} has no config.json, so it is not a residuals folder.",
+                "Point at a folder written by save_pretrained / compute (it holds config.json and model.safetensors).",
+            )
+        raw = read_json(folder / "config.json")
+        if "shapes_hash" not in raw or "residuals_version" not in raw:
+            raise ResidualsError(
+                f"{name_or_path} looks like a model, not residuals (its config.json has no residuals fields).",
+                "Compute residuals first (compute / Residuals.from_models), or use merge for three models.",
+            )
+        opened = ResidualsFolder(checkpoint, ResidualsConfig.from_dict(raw), read_manifest(folder))
+        if verify:
+            opened.checksums().wait()
+    except BaseException:
         checkpoint.close()
-        raise ResidualsError(
-            f"{name_or_path} has no config.json, so it is not a residuals folder.",
-            "Point at a folder written by save_pretrained / compute (it holds config.json and model.safetensors).",
-        )
-    raw = read_json(folder / "config.json")
-    if "shapes_hash" not in raw or "residuals_version" not in raw:
-        checkpoint.close()
-        raise ResidualsError(
-            f"{name_or_path} looks like a model, not residuals (its config.json has no residuals fields).",
-            "Compute residuals first (compute / Residuals.from_models), or use merge for three models.",
-        )
-    if verify:
-        verify_manifest(checkpoint)
-    return checkpoint, ResidualsConfig.from_dict(raw)
+        raise
+    return opened
 
 
 def _float_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -177,8 +216,7 @@ def plan_difference(
 
 def _plan_apply(
     target: Checkpoint,
-    residuals: Checkpoint,
-    config: ResidualsConfig,
+    opened: ResidualsFolder,
     *,
     out_dtype: torch.dtype | None,
     normalize_embeddings: bool,
@@ -186,11 +224,12 @@ def _plan_apply(
     tokenizer_label: str = "the residuals' tokenizer",
 ) -> arithmetic.Plan:
     target_hash = shapes_hash(target.tensors.values())[0]
+    config = opened.config
     return arithmetic.plan_tensors(
-        [("target", target), ("residuals", residuals)],
+        [("target", target), ("residuals", opened.checkpoint)],
         out_dtype=_cast_floats(out_dtype),
         normalize_embeddings=normalize_embeddings,
-        vocab_sizes=[target.vocab_size, (read_manifest(residuals.folder) or {}).get("vocab_rows")],
+        vocab_sizes=[target.vocab_size, opened.vocab_rows],
         min_vocab_rows=tokenizer_length if normalize_embeddings else None,
         tokenizer_label=tokenizer_label,
         # residuals of a tied model saved by the `residuals` package carry lm_head.weight too: skip it
@@ -401,25 +440,24 @@ def apply_residuals(
     arithmetic.check_device(options.device)
     arithmetic.check_scale(scale)
     out_dtype = _float_dtype(dtype)
-    res_ck, res_cfg = open_residuals(residuals, options=options, verify=False)
+    opened = open_residuals(residuals, options=options, verify=False)
+    res_ck, res_cfg = opened.checkpoint, opened.config
     try:
-        res_check = ManifestCheck(res_ck)  # hashes alongside the arithmetic; waited for before publishing
+        res_check = opened.checksums()  # hashes alongside the arithmetic; waited for before publishing
         target_ck = open_model(target, role="target", options=options)
     except BaseException:
         res_ck.close()
         raise
-    tokenizer = folder_tokenizer(res_ck.folder, res_cfg.tokenizer_name)
     try:
         plan = _plan_apply(
             target_ck,
-            res_ck,
-            res_cfg,
+            opened,
             out_dtype=out_dtype,
             normalize_embeddings=normalize_embeddings,
-            tokenizer_length=tokenizer.length,
+            tokenizer_length=opened.tokenizer.length,
             tokenizer_label=f"the tokenizer saved with {residuals}",
         )
-        if read_manifest(res_ck.folder) is None:
+        if opened.manifest is None:
             plan.notes.append(
                 f"{public_name(residuals)} has no {MANIFEST_NAME} (it was written by another tool, e.g. the "
                 "residuals package): "
@@ -432,7 +470,7 @@ def apply_residuals(
             options,
             inputs=[target_ck, res_ck],
             target=target_ck,
-            tokenizer=tokenizer,
+            tokenizer=opened.tokenizer,
             generation_config=res_ck.folder / "generation_config.json",
             out_dtype=out_dtype,
             lineage={
@@ -651,10 +689,9 @@ def inspect_residuals(
     cannot give, is taken from the manifest only for those that match.
     """
     options = make_options(options, option_overrides)
-    checkpoint, config = open_residuals(path, options=options)
-    manifest = read_manifest(checkpoint.folder) or {}
-    with checkpoint:
-        computed = stats.tensor_norms(checkpoint, progress=options.progress)
+    with open_residuals(path, options=options) as opened:
+        computed = stats.tensor_norms(opened.checkpoint, progress=options.progress)
+    checkpoint, config, manifest = opened.checkpoint, opened.config, opened.manifest or {}
     tensors, claims = stats.checked_claims(computed, manifest.get("tensors"))
     return {
         "path": str(path),
@@ -680,10 +717,11 @@ def compare_residuals(
 ) -> list[dict]:
     """Per-layer cosine similarity of two residual sets (e.g. two versions of one family)."""
     options = make_options(options, option_overrides)
-    first, _ = open_residuals(a, options=options, verify=False)
-    second, _ = open_residuals(b, options=options, verify=False)
-    with first, second:
-        return stats.cosine_by_layer(first, second, progress=options.progress)
+    with (
+        open_residuals(a, options=options, verify=False) as first,
+        open_residuals(b, options=options, verify=False) as second,
+    ):
+        return stats.cosine_by_layer(first.checkpoint, second.checkpoint, progress=options.progress)
 
 
 def resolve_for_generation(name_or_path: str | os.PathLike, *, options: Options | None = None) -> str:
@@ -732,7 +770,8 @@ def export_lora(
             "Use --residuals R, or --base B --instruct I.",
         )
     if residuals is not None:
-        source, config = open_residuals(residuals, options=options)
+        opened = open_residuals(residuals, options=options)
+        source, config = opened.checkpoint, opened.config
         inputs: list[TensorSource] = [source]
         base_name, instruct_name = config.base_model_name, config.instruct_model_name
     else:
@@ -803,7 +842,8 @@ def sparsify_residuals(
         raise ResidualsError(
             "Nothing to do: neither dare nor trim was given.", "Use --dare 0.9 and/or --trim 0.2."
         )
-    source, config = open_residuals(residuals, options=options)
+    opened = open_residuals(residuals, options=options)
+    source, config = opened.checkpoint, opened.config
     try:
         view: TensorSource = source
         done = []
@@ -819,7 +859,7 @@ def sparsify_residuals(
             [("residuals", view)], out_dtype=lambda info: info.dtype, normalize_embeddings=False
         )
         plan.notes.append(f"sparsified from {public_name(residuals)}: " + "; ".join(done))
-        tokenizer = folder_tokenizer(source.folder, config.tokenizer_name)
+        tokenizer = opened.tokenizer
 
         def write(sink: Sink) -> Result:
             weights, measured = stream_into(

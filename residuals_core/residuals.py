@@ -253,16 +253,17 @@ class Residuals:
 
         A Hub repo is read where it is (streamed, sha256 checked), never downloaded.
         """
-        ck, config = operations.open_residuals(
+        opened = operations.open_residuals(
             path, options=Options(token=token, cache_dir=cache_dir), revision=revision, verify=verify
         )
-        ck.close()
+        opened.close()
+        ck, config = opened.checkpoint, opened.config
         res = Residuals(config=config)
         res._read_token = token
         res._checkpoint = ck
         res._folder = ck.folder
         res._cast = (map_location, None)
-        manifest = operations.read_manifest(ck.folder) or {}
+        manifest = opened.manifest or {}
         res._stats = {k: manifest.get(k) for k in ("tensors", "reconstruction") if manifest.get(k)}
         return res
 

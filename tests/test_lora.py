@@ -120,9 +120,8 @@ def test_preview_says_what_the_export_keeps(llama_residuals, tmp_path):
     from residuals_core.operations import open_residuals
 
     _, folder = llama_residuals
-    checkpoint, _ = open_residuals(folder)
-    with checkpoint:
-        preview = preview_lora(checkpoint, rank=2)
+    with open_residuals(folder) as opened:
+        preview = preview_lora(opened.checkpoint, rank=2)
     result = export_lora(folder, tmp_path / "r2", rank=2)
     summary = result.summary
     kept = sum(m["energy_kept"] * m["norm_sq"] for m in summary["matrices"])
