@@ -11,6 +11,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from tiny_models import load_state
+from waits import wait_for
 
 from residuals_core import merge_models
 from residuals_core.cli import main
@@ -69,18 +70,19 @@ def test_cancel_stops_the_job(hub, families, capsys):
     fam = families("llama", size={"hidden": 256, "layers": 4})
     repos = upload_family(fam, "slow")
     hub.link.bytes_per_s = 500_000  # a slow line: the job is still streaming when it is cancelled
+    hub.log.clear()
     try:
         job_id = submit(capsys, "merge", "--base", repos["base"], "--instruct", repos["instruct"],
                         "--target", repos["target"], "--push-to", "alice/slow-merged")  # fmt: skip
-        time.sleep(1.5)
+        wait_for(lambda: hub.requests("GET", "/resolve/"), what="the job reads its inputs")
         assert hub.jobs[job_id].stage == "RUNNING"
         assert main(["jobs", "cancel", job_id, "--token", ALICE]) == 0
         assert wait(hub, job_id, 30) == "CANCELED"
         assert hub.jobs[job_id].proc.wait(timeout=30) is not None  # the process is gone
     finally:
         hub.link.bytes_per_s = None
-    time.sleep(0.5)
-    assert "alice/slow-merged" not in hub.repos  # the repo the cancelled run created was deleted
+    # the repo the cancelled run created is deleted
+    wait_for(lambda: "alice/slow-merged" not in hub.repos, what="the cancelled run's repo is deleted")
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
+from waits import wait_for
 
 from residuals_core.demo import DEMO_FAMILY
 from studio.ui.apply_tab import CROSS_VERSION_EXAMPLES
@@ -142,7 +143,10 @@ def test_results_name_no_server_paths_and_sessions_leave_nothing(space, hub_serv
     (session folders, Gradio's cache) is back at its baseline once their tabs close."""
     url, folders, log_path = space
     watched = (folders["tmp"], folders["gradio"], folders["hf"])
-    time.sleep(1)
+    studio_root = folders["tmp"] / "residuals-studio"
+    wait_for(
+        lambda: not studio_root.is_dir() or not any(studio_root.iterdir()), what="earlier sessions are gone"
+    )
     baseline = disk_bytes(*watched)
     downloads = folders["gradio"] / "studio-downloads"
     before = set(downloads.iterdir()) if downloads.is_dir() else set()

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from huggingface_hub import HfApi, ModelCard
+from waits import wait_for
 
 from residuals_core import compute_residuals
 from residuals_core.demo import DEMO_FAMILY
@@ -53,18 +54,14 @@ def files(*folders: Path) -> dict[Path, int]:
     return {p: p.stat().st_size for folder in folders for p in folder.rglob("*") if p.is_file()}
 
 
-def wait_for(condition, seconds: float = 60, what: str = "") -> None:
-    """Wait for a state (not a time): fails only if it never comes."""
-    deadline = time.time() + seconds
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.1)
-
-
 def session_folders(folders: dict[str, Path]) -> list[Path]:
     root = folders["tmp"] / "residuals-studio"
     return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def queue_is_empty(url: str) -> bool:
+    with urllib.request.urlopen(url + "gradio_api/queue/status") as response:
+        return json.loads(response.read())["queue_size"] == 0
 
 
 def outside_code_spans(markdown: str) -> str:
@@ -177,8 +174,8 @@ def test_a_closed_tab_cancels_its_job_and_its_queued_calls(space, hub_server, fa
         wait_for(lambda: not job_running(), what="the job stops")
         streamed = sum(e.get("bytes") or 0 for e in hub_server.log if e["path"].startswith("cdn:"))
         wait_for(lambda: not session_folders(folders), what="the session's folders go")
+        wait_for(lambda: queue_is_empty(url), what="the queued compute's turn comes and goes")
         after_cancel = len(hub_server.log)
-        time.sleep(2)  # the queued compute's turn has come and gone
         assert streamed < model_bytes / 2, (streamed, model_bytes)  # it stopped instead of streaming on
         assert len(hub_server.log) == after_cancel  # the queued call was refused: not one more request
     finally:
@@ -358,7 +355,7 @@ def test_strangers_at_once_do_not_keep_an_honest_visitor_from_computing(
     threads = [threading.Thread(target=hostile, args=(i,), daemon=True) for i in range(HOSTILE_CLIENTS)]
     for thread in threads:
         thread.start()
-    time.sleep(2)  # the strangers are at it
+    wait_for(lambda: len(refusals) >= 2, what="the strangers are at it")
     honest = client(url)
     started = time.monotonic()
     done = {}
