@@ -33,6 +33,16 @@ from tiny_models import make_family  # noqa: E402
 torch.set_num_threads(1)
 
 
+SLOW_FIXTURES = {"space", "served_app", "page"}  # a served app (and a browser): seconds per test
+
+
+def pytest_collection_modifyitems(items):
+    """Tests of the served app are slow by what they use; others are marked where they are written."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def families(tmp_path_factory):
     """Tiny base / instruct / target folders per architecture, built once per test session."""

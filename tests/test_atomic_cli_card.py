@@ -175,6 +175,7 @@ def test_fsync_only_when_asked(tmp_path, families, monkeypatch):
     assert "--fsync" in run_cli("merge", "--help").stdout
 
 
+@pytest.mark.slow
 def test_cli_compute_apply_merge_inspect(tmp_path, families):
     fam = families("qwen2")
     proc = run_cli("compute", "--base", fam["base"], "--instruct", fam["instruct"], "--out", tmp_path / "res")

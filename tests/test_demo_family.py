@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from residuals_core import merge_models
 from residuals_core.demo import DEMO_FAMILY, ROWS, World, evaluate_model
 
+pytestmark = pytest.mark.slow  # Jobs, the demo family's build, a browser: seconds each
+
 needs_family = pytest.mark.skipif(not (DEMO_FAMILY / "world.json").is_file(), reason="demo family not built")
 
 

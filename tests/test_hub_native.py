@@ -113,6 +113,7 @@ def small_disk_env(mount: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_merge_hub_to_hub_on_a_disk_smaller_than_one_model(
     hub, medium_family, medium_on_hub, small_disk, tmp_path
 ):
@@ -158,6 +159,7 @@ def test_merge_hub_to_hub_on_a_disk_smaller_than_one_model(
         )
 
 
+@pytest.mark.slow
 def test_compute_hub_to_hub_reads_back_and_applies(hub, medium_family, medium_on_hub, small_disk, tmp_path):
     h = medium_on_hub
     run_cli(
@@ -184,6 +186,7 @@ def test_too_small_disk_refused_up_front_with_the_numbers(hub, medium_on_hub, sm
     assert "alice/never-made" not in hub.repos
 
 
+@pytest.mark.slow
 def test_cut_connections_are_resumed(hub, medium_family, medium_on_hub, tmp_path):
     h = medium_on_hub
     hub.flaky_every = 2  # every second ranged read of a weight file is cut half-way
@@ -380,6 +383,7 @@ def peak_rss_gib(*args, env_extra=None) -> float:
     return int(proc.stdout.split("PEAK")[-1]) / 2**20
 
 
+@pytest.mark.slow
 def test_3d_experts_and_giant_rows_stay_under_the_memory_bound(giant_pair, tmp_path):
     peak = peak_rss_gib(
         "compute", "--base", giant_pair / "base", "--instruct", giant_pair / "instruct",
@@ -398,6 +402,7 @@ def test_3d_experts_and_giant_rows_stay_under_the_memory_bound(giant_pair, tmp_p
     assert peak <= 0.5, f"peak RSS {peak:.2f} GiB"
 
 
+@pytest.mark.slow
 def test_giant_tensors_from_the_hub_stay_under_the_hub_memory_bound(hub, giant_pair):
     for role in ("base", "instruct"):
         upload(giant_pair / role, f"alice/giant-{role}")

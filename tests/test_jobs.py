@@ -16,6 +16,8 @@ from waits import wait_for
 from residuals_core import merge_models
 from residuals_core.cli import main
 
+pytestmark = pytest.mark.slow  # Jobs, the demo family's build, a browser: seconds each
+
 ALICE = "hf_alice_write"
 IMAGE = "hf.co/spaces/alice/residuals-studio"
 

@@ -78,6 +78,7 @@ def test_repo_ids_are_compared_as_the_hub_compares_them(hub, family_on_hub, monk
     assert "alice/raced" in hub.repos
 
 
+@pytest.mark.slow
 def test_rate_limits_are_waited_out_and_said(hub, family_on_hub, tmp_path, caplog):
     _fam, repos = family_on_hub
     hub.rate_limit("api", 3, reset_s=0)
@@ -191,6 +192,7 @@ def test_scopes_a_token_lacks_are_named(hub, family_on_hub, tmp_path):
         hub.repos["alice/real-instruct"].gated = False
 
 
+@pytest.mark.slow
 def test_jobs_get_a_timeout_from_their_estimate_and_fail_loudly(hub, family_on_hub, capsys):
     _, repos = family_on_hub
     argv = ["jobs", "run", "--image", "hf.co/spaces/alice/residuals-studio", "--token", ALICE]
