@@ -6,10 +6,10 @@ values (the optimum in the Frobenius norm, Eckart–Young), and stored as PEFT e
 `merge_and_unload()` adds exactly B·A. The rank is one number for all (`rank`), or per matrix the
 smallest that keeps a share of ‖R‖² (`energy`). One matrix is in memory at a time.
 
-Embeddings, the output head and norms are not in the adapter: LoRA cannot express a norm's delta,
-and an embedding delta belongs in a full residual (`modules_to_save` would store the instruct
-model's absolute rows, overwriting what continued pre-training put there). The card says so, with
-the share of ‖R‖² those tensors hold.
+The input embedding and the output head are adapted too, by default (PEFT's `lora_embedding_A/B`
+for an nn.Embedding): on the demo family, leaving them out loses the instruction following.
+`embeddings=False` leaves them out. Norms are never in the adapter (LoRA cannot express a norm's
+delta); the card says what is left out, with the share of ‖R‖² it holds.
 """
 
 from __future__ import annotations
