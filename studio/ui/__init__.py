@@ -105,7 +105,7 @@ def build(settings: Settings, *, device: str | None = None) -> StudioApp:
         with gr.Tab("Apply"):
             apply = apply_tab.build(ctx, hint)
         with gr.Tab("Inspect"):
-            inspect = inspect_tab.build(ctx, hint)
+            inspect = inspect_tab.build(hint)
         with gr.Tab("Try"):
             tried = try_tab.build(ctx)
         # every action has a stable api_name: the README shows them with gradio_client

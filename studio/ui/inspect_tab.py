@@ -51,7 +51,7 @@ class InspectTab:
     push: PushBox
 
 
-def build(ctx: StudioContext, field_hint: str) -> InspectTab:
+def build(field_hint: str) -> InspectTab:
     source = gr.Radio([FROM_SESSION, f"named ({field_hint})"], value=FROM_SESSION, label="Residuals")
     path = gr.Textbox(label=f"Residuals ({field_hint})")
     compare = gr.Textbox(
