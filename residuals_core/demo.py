@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,17 @@ import torch
 from .errors import ResidualsError
 from .generation import complete
 
-DEMO_FAMILY = Path(__file__).resolve().parent.parent / "assets" / "demo-family"
+
+def _installed_family() -> Path:
+    """Where this installation keeps the demo family: beside the package in a checkout (and an editable
+    install), else in the environment's data folder, where an installed wheel puts it."""
+    beside = Path(__file__).resolve().parent.parent / "assets" / "demo-family"
+    if beside.is_dir():
+        return beside
+    return Path(sysconfig.get_path("data")) / "share" / "residuals-studio" / "demo-family"
+
+
+DEMO_FAMILY = _installed_family()
 DEMO_PREFIX = "demo:"  # `demo:base-v1` names a model of the bundled family, wherever it is installed
 DEMO_MODELS = ("base-v1", "instruct-v1", "base-v2")
 EOS = "</s>"
