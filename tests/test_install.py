@@ -18,13 +18,21 @@ def test_an_installed_package_finds_the_demo_family_and_the_app(tmp_path):
     env_dir = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
-    # this environment's pip and setuptools build it, offline, into the fresh environment
+    # this environment's pip and setuptools build a wheel, offline (installing into another prefix from
+    # here would first uninstall this environment's own editable copy); the fresh environment installs it
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--prefix", str(env_dir), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         "-w", str(tmp_path / "wheels"), str(ROOT)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheels").glob("*.whl")
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
     # the dependencies from this environment, the project only from the install (no .pth of an editable one)
     deps = sysconfig.get_paths()["purelib"]
     probe = (
