@@ -69,12 +69,13 @@ def preview(
     """Per layer, the share of ‖R‖² the adapter would keep, and its size — before anything is written."""
     chosen = cut(mode, rank, energy)
     target, estimate, session = _planned(ctx, workspace, session_hash, source, path, token, embeddings)
-    with ctx.heavy_job(session, progress, "previewing", estimate) as (cache, report):
-        checkpoint, _ = operations.open_residuals(target, options=ctx.options(token, cache))
-        with checkpoint:
-            result = preview_lora(
-                checkpoint, embeddings=embeddings, device=ctx.device, progress=report, **chosen
-            )
+    with (
+        ctx.heavy_job(session, progress, "previewing", estimate) as (cache, report),
+        operations.open_residuals(target, options=ctx.options(token, cache)) as opened,
+    ):
+        result = preview_lora(
+            opened.checkpoint, embeddings=embeddings, device=ctx.device, progress=report, **chosen
+        )
     return Previewed(result, estimate)
 
 
