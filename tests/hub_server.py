@@ -94,10 +94,14 @@ class Repo:
     lfs: set[str] = field(default_factory=set)  # LFS objects uploaded to this repo (oids)
     gated: bool = False
     granted: set[str] = field(default_factory=set)  # users who accepted a gated repo's conditions
+    branches: dict[str, list[tuple[str, dict[str, str], str]]] = field(default_factory=dict)  # beside main
 
     @property
     def head(self) -> tuple[str, dict[str, str], str]:
         return self.commits[-1]
+
+    def history(self, branch: str) -> list[tuple[str, dict[str, str], str]]:
+        return self.commits if branch in ("main", "HEAD") else self.branches[branch]
 
 
 class RepoTable(dict):
@@ -355,9 +359,10 @@ class LocalHub:
         self.lfs_blobs.add(digest)
         self._commit(repo, {**repo.head[1], path: digest}, f"Add {path}")
 
-    def _commit(self, repo: Repo, files: dict[str, str], message: str = "") -> str:
-        sha = hashlib.sha1(f"{time.time_ns()}{len(repo.commits)}{sorted(files.items())}".encode()).hexdigest()
-        repo.commits.append((sha, files, message))
+    def _commit(self, repo: Repo, files: dict[str, str], message: str = "", branch: str = "main") -> str:
+        history = repo.history(branch)
+        sha = hashlib.sha1(f"{time.time_ns()}{len(history)}{sorted(files.items())}".encode()).hexdigest()
+        history.append((sha, files, message))
         return sha
 
     def _upload_mode(self, repo: Repo, path: str, size: int) -> str:
@@ -375,7 +380,10 @@ class LocalHub:
     def _snapshot(self, repo: Repo, revision: str) -> tuple[str, dict[str, str], str] | None:
         if revision in ("main", "HEAD"):
             return repo.head
-        return next((c for c in repo.commits if c[0] == revision), None)
+        if revision in repo.branches:
+            return repo.branches[revision][-1]
+        every = [*repo.commits, *(c for history in repo.branches.values() for c in history)]
+        return next((c for c in every if c[0] == revision), None)
 
     # ---- HTTP -------------------------------------------------------------------------------
     def _handler(self):
@@ -557,7 +565,13 @@ class LocalHub:
                         if rest[0] == "preupload":
                             return self._preupload(repo_id)
                         if rest[0] == "commit":
-                            return self._commit(repo_id)
+                            return self._commit(repo_id, "/".join(rest[1:]) or "main")
+                        if rest[0] == "branch" and len(rest) >= 2:
+                            return self._branch(repo_id, "/".join(rest[1:]))
+                        if rest[0] == "paths-info":
+                            return self._paths_info(repo_id, "/".join(rest[1:]) or "main")
+                        if rest == ["refs"]:
+                            return self._refs(repo_id)
                         if rest[0] == "tree":
                             return self._tree(repo_id, rest[1], "/".join(rest[2:]))
                 self._error(404, f"no route for {self.command} {path}")
@@ -825,11 +839,50 @@ class LocalHub:
                 ]
                 self._send(200, {"files": files, "commitOid": hub.repos[repo_id].head[0]})
 
-            def _commit(self, repo_id: str):
+            def _branch(self, repo_id: str, branch: str):
+                """Create a branch from main's head (POST) or delete it (DELETE), as the Hub's branch API does."""
+                repo = self._writable(repo_id)
+                if repo is None:
+                    return None
+                if self.command == "POST":
+                    if branch in repo.branches or branch == "main":
+                        return self._error(409, f"Reference {branch} already exists")
+                    repo.branches[branch] = [repo.head]
+                    return self._send(200, {})
+                if self.command == "DELETE":
+                    if repo.branches.pop(branch, None) is None:
+                        return self._error(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+                    return self._send(200, {})
+                return self._error(405, "Method not allowed")
+
+            def _refs(self, repo_id: str):
+                repo = self._visible(repo_id)
+                if repo is None:
+                    return self._error(404, "Repository not found", "RepoNotFound")
+                heads = {"main": repo.head, **{name: history[-1] for name, history in repo.branches.items()}}
+                branches = [
+                    {"name": n, "ref": f"refs/heads/{n}", "targetCommit": c[0]} for n, c in heads.items()
+                ]
+                return self._send(200, {"branches": branches, "converts": [], "tags": []})
+
+            def _paths_info(self, repo_id: str, revision: str):
+                """The entries of the named paths at a revision (what a copy between revisions reads first)."""
+                found = self._lookup(repo_id, revision)
+                if found is None:
+                    return None
+                _, snapshot = found
+                form = parse_qs(self.body.decode()) if self.body else {}
+                paths = form.get("paths", [])
+                entries = [self._entry(path, snapshot[1][path]) for path in paths if path in snapshot[1]]
+                return self._send(200, entries)
+
+            def _commit(self, repo_id: str, revision: str = "main"):
                 body = self.body
                 repo = self._writable(repo_id)
                 if repo is None:
                     return None
+                if revision not in ("main", "HEAD") and revision not in repo.branches:
+                    return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
                 if hub.fail_next_commit:
                     hub.fail_next_commit = False
                     return self._error(400, "Simulated failure while committing (test)")
@@ -844,7 +897,7 @@ class LocalHub:
                     return self._error(
                         500, "Internal Error - We're working hard to fix this as soon as possible!"
                     )
-                files = dict(repo.head[1])
+                files = dict(repo.history(revision)[-1][1])
                 summary = ""
                 for line in body.decode().splitlines():
                     if not line.strip():
@@ -869,7 +922,7 @@ class LocalHub:
                         files.pop(value["path"], None)
                     else:
                         return self._error(400, f"unsupported commit operation {item['key']} in the test hub")
-                sha = hub._commit(repo, files, summary)
+                sha = hub._commit(repo, files, summary, branch=revision)
                 if fault == "landed-then-504":  # the commit is made; the answer never arrives in time
                     return self._error(504, "Gateway Timeout")
                 self._send(
@@ -941,15 +994,17 @@ class LocalHub:
                 if found is None:
                     return None
                 _, snap = found
-                entries = []
-                for p, b in sorted(snap[1].items()):
-                    if p.startswith(prefix):
-                        sib = self._sibling(p, b)
-                        entry = {"type": "file", "path": p, "oid": sib["blobId"], "size": sib["size"]}
-                        if "lfs" in sib:
-                            entry["lfs"] = {"oid": b, "size": sib["size"], "pointerSize": 134}
-                        entries.append(entry)
-                self._send(200, entries)
+                self._send(
+                    200, [self._entry(p, b) for p, b in sorted(snap[1].items()) if p.startswith(prefix)]
+                )
+
+            def _entry(self, path: str, blob: str) -> dict:
+                """A file as the tree and paths-info APIs describe it."""
+                sib = self._sibling(path, blob)
+                entry = {"type": "file", "path": path, "oid": sib["blobId"], "size": sib["size"]}
+                if "lfs" in sib:
+                    entry["lfs"] = {"oid": blob, "size": sib["size"], "pointerSize": 134}
+                return entry
 
             def _resolve_lookup(self, repo_id: str, revision: str, filename: str):
                 found = self._lookup(repo_id, revision)

@@ -5,8 +5,10 @@ commit, card validation, token scopes and job timeouts."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -232,3 +234,40 @@ def test_a_job_that_would_outlive_the_login_is_refused(hub, family_on_hub):
     with pytest.raises(ResidualsError, match=r"your login expires in 30 s"):
         jobs.run_job(argv, token=ALICE, image="hf.co/spaces/a/b", token_expires_at=time.time() + 30)
     assert not hub.requests("POST", "/api/jobs/")
+
+
+def test_a_file_committed_to_a_branch_is_copied_to_main_without_a_second_upload(hub, tmp_path):
+    """The Hub's branches and copies (what a run split over several Jobs hands its shards over with): a
+    large file committed to a run's branch is copied into main's one commit by reference, then the
+    branch goes; main shows the file only from that commit on."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationCopy
+
+    api = HfApi(token=ALICE)
+    api.create_repo("alice/branched")
+    api.create_branch("alice/branched", branch="run-1")
+    shard = tmp_path / "model-00001-of-00002.safetensors"
+    shard.write_bytes(os.urandom(11 * 1024 * 1024))  # large: stored through Xet
+    api.upload_file(
+        path_or_fileobj=shard, path_in_repo=shard.name, repo_id="alice/branched", revision="run-1"
+    )
+    assert shard.name not in {
+        f.rfilename for f in api.model_info("alice/branched").siblings
+    }  # not on main yet
+    cas_before = hub.cas_bytes()
+    hub.log.clear()
+    api.create_commit(
+        "alice/branched",
+        operations=[
+            CommitOperationCopy(shard.name, shard.name, src_revision="run-1"),
+            CommitOperationAdd("config.json", b"{}"),
+        ],
+        commit_message="the whole result",
+    )
+    api.delete_branch("alice/branched", branch="run-1")
+    assert hub.cas_bytes() == cas_before and not hub.requests("PUT")  # nothing uploaded again …
+    assert not hub.requests(contains="xet-write-token")  # … not even offered to the CAS
+    assert hub.requests("POST", "/paths-info/run-1")  # the copy was made by reference to the branch
+    assert len(hub.requests("POST", "/commit/")) == 1
+    got = api.hf_hub_download("alice/branched", shard.name, cache_dir=tmp_path / "cache")
+    assert Path(got).read_bytes() == shard.read_bytes()
+    assert [b.name for b in api.list_repo_refs("alice/branched").branches] == ["main"]
