@@ -689,8 +689,13 @@ def inspect_residuals(
     cannot give, is taken from the manifest only for those that match.
     """
     options = make_options(options, option_overrides)
-    with open_residuals(path, options=options) as opened:
+    with open_residuals(path, options=options, verify=False) as opened:
+        checks = (
+            opened.checksums()
+        )  # hashes beside the norms' stream (both read the same pages), not before it
         computed = stats.tensor_norms(opened.checkpoint, progress=options.progress)
+        opened.checkpoint.finish()  # a Hub file's bytes against its sha256
+        checks.wait()
     checkpoint, config, manifest = opened.checkpoint, opened.config, opened.manifest or {}
     tensors, claims = stats.checked_claims(computed, manifest.get("tensors"))
     return {

@@ -134,11 +134,18 @@ class StudioContext:
             work = (
                 svd_work(shape_from.tensors, embeddings=svd_embeddings) if svd_embeddings is not None else 0.0
             )
-            reads = [(c.total_bytes + c.small_file_bytes, c.remote) for c in opened]
-            estimate = estimate_job(reads, write, self.settings.limits, svd_work=work)
+            return self.estimate(opened, write, svd_work=work, kind=kind)
         finally:
             for checkpoint in opened:
                 checkpoint.close()
+
+    def estimate(
+        self, opened: list, write_bytes: int, *, svd_work: float = 0.0, kind: str = "other"
+    ) -> JobEstimate:
+        """The estimate of a job over these opened inputs (their weights and the small files fetched for
+        them), refused with its numbers when it is too long for this Space."""
+        reads = [(c.total_bytes + c.small_file_bytes, c.remote) for c in opened]
+        estimate = estimate_job(reads, write_bytes, self.settings.limits, svd_work=svd_work)
         refuse_if_too_long(estimate, self.settings.limits, kind=kind)
         return estimate
 

@@ -40,7 +40,6 @@ class Session:
     folder: Path
     downloads: Path
     last_seen: float
-    closed: bool = False
     zips: dict[str, Path] = field(default_factory=dict)  # kind -> the zip the page links to now
 
     @property

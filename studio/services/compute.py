@@ -7,10 +7,9 @@ from typing import Any
 
 from residuals_core import compute_residuals, operations
 from residuals_core.errors import ResidualsError
-from residuals_core.hub import HUB_PREFIX
 
 from ..context import Progress, StudioContext, Workspace, scratch_cache
-from ..hosting import JobEstimate, estimate_job, refuse_if_too_long
+from ..hosting import JobEstimate
 from . import Delivery, Push, default_repo_name, deliver
 
 
@@ -60,16 +59,14 @@ def check(
             report = operations.check_compatibility(
                 opened[0], opened[1], normalize_embeddings=normalize, dtype=dtype
             )
+            # the estimate from the headers just read, not from a second opening of the same models
+            estimate = ctx.estimate(opened, report["expected_output_bytes"])
             sizes = {role: c.total_bytes for role, c in zip(fields, opened, strict=True)}
-            small = {role: c.small_file_bytes for role, c in zip(fields, opened, strict=True)}
+            small = sum(c.small_file_bytes for c in opened)
         finally:
             for checkpoint in opened:
                 checkpoint.close()
-    # the estimate from the headers just read, not from a second opening of the same models
-    inputs = [(sizes[role] + small[role], models[role].startswith(HUB_PREFIX)) for role in fields]
-    estimate = estimate_job(inputs, report["expected_output_bytes"], ctx.settings.limits)
-    refuse_if_too_long(estimate, ctx.settings.limits)
-    return Checked(report, estimate, fields, sizes, sum(small.values()))
+    return Checked(report, estimate, fields, sizes, small)
 
 
 def compute(

@@ -30,51 +30,60 @@ class Exported:
     delivery: Delivery
 
 
-def cut(mode: str, rank: Any, energy: Any) -> dict[str, Any]:
-    """The rank or energy cut as the sliders allow it; other values (sent through the API) are refused."""
-    try:
-        if mode == "rank" and 1 <= float(rank) <= MAX_RANK:
-            return {"rank": int(rank), "energy": None}
-        if mode == "energy" and ENERGY_RANGE[0] <= float(energy) <= ENERGY_RANGE[1]:
-            return {"rank": None, "energy": float(energy)}
-    except (TypeError, ValueError):
-        pass
-    raise ResidualsError(
-        "The cut is not one this Space makes.",
-        f"Cut by 'rank' (a whole number from 1 to {MAX_RANK}) or by 'energy' (a share from {ENERGY_RANGE[0]} to "
-        f"{ENERGY_RANGE[1]}).",
-    )
+@dataclass(frozen=True)
+class LoraRequest:
+    """What the Export smaller panel asks for: which residuals, how to cut each matrix, embeddings or not."""
+
+    source: str  # FROM_SESSION, or the named choice with `path`
+    path: str
+    mode: str  # "rank" or "energy"
+    rank: Any
+    energy: Any
+    embeddings: bool
+
+    def cut(self) -> dict[str, Any]:
+        """The rank or energy cut as the sliders allow it; other values (sent through the API) are refused."""
+        try:
+            if self.mode == "rank" and 1 <= float(self.rank) <= MAX_RANK:
+                return {"rank": int(self.rank), "energy": None}
+            if self.mode == "energy" and ENERGY_RANGE[0] <= float(self.energy) <= ENERGY_RANGE[1]:
+                return {"rank": None, "energy": float(self.energy)}
+        except (TypeError, ValueError):
+            pass
+        raise ResidualsError(
+            "The cut is not one this Space makes.",
+            f"Cut by 'rank' (a whole number from 1 to {MAX_RANK}) or by 'energy' (a share from {ENERGY_RANGE[0]} "
+            f"to {ENERGY_RANGE[1]}).",
+        )
 
 
-def _planned(ctx, workspace, session_hash, source, path, token, embeddings):
+def _planned(ctx: StudioContext, workspace: Workspace, session_hash: str | None, request: LoraRequest, token):
+    """(the cut, the residuals, the estimate, the session): everything checked before the job slot is taken."""
+    chosen = request.cut()
     ctx.check_open(workspace, session_hash)
-    target = residuals_source(ctx, source, path, workspace)
-    estimate = ctx.preflight([(target, "residuals")], token, None, writes=False, svd_embeddings=embeddings)
-    return target, estimate, ctx.session(workspace, session_hash)
+    target = residuals_source(ctx, request.source, request.path, workspace)
+    estimate = ctx.preflight(
+        [(target, "residuals")], token, None, writes=False, svd_embeddings=request.embeddings
+    )
+    return chosen, target, estimate, ctx.session(workspace, session_hash)
 
 
 def preview(
     ctx: StudioContext,
     workspace: Workspace,
     session_hash: str | None,
-    source: str,
-    path: str,
-    mode: str,
-    rank: Any,
-    energy: Any,
-    embeddings: bool,
+    request: LoraRequest,
     token: str | bool | None,
     progress: Progress,
 ) -> Previewed:
     """Per layer, the share of ‖R‖² the adapter would keep, and its size — before anything is written."""
-    chosen = cut(mode, rank, energy)
-    target, estimate, session = _planned(ctx, workspace, session_hash, source, path, token, embeddings)
+    chosen, target, estimate, session = _planned(ctx, workspace, session_hash, request, token)
     with (
         ctx.heavy_job(session, progress, "previewing", estimate) as (cache, report),
         operations.open_residuals(target, options=ctx.options(token, cache)) as opened,
     ):
         result = preview_lora(
-            opened.checkpoint, embeddings=embeddings, device=ctx.device, progress=report, **chosen
+            opened.checkpoint, embeddings=request.embeddings, device=ctx.device, progress=report, **chosen
         )
     return Previewed(result, estimate)
 
@@ -83,23 +92,17 @@ def export(
     ctx: StudioContext,
     workspace: Workspace,
     session_hash: str | None,
-    source: str,
-    path: str,
-    mode: str,
-    rank: Any,
-    energy: Any,
-    embeddings: bool,
+    request: LoraRequest,
     token: str | bool | None,
     progress: Progress,
 ) -> Exported:
     """The LoRA adapter into the session's folder, zipped for download (it is small), ready to push."""
-    chosen = cut(mode, rank, energy)
-    target, estimate, session = _planned(ctx, workspace, session_hash, source, path, token, embeddings)
+    chosen, target, estimate, session = _planned(ctx, workspace, session_hash, request, token)
     with ctx.heavy_job(session, progress, "exporting", estimate) as (cache, report):
         result = export_lora(
             target,
             session.output("lora"),
-            embeddings=embeddings,
+            embeddings=request.embeddings,
             options=ctx.options(token, cache, device=ctx.device, progress=report),
             **chosen,
         )

@@ -23,6 +23,7 @@ class Merged:
     estimate: JobEstimate
     delivery: Delivery
     repo_name: str
+    scale: float  # α as applied
 
 
 def space_scale(scale: Any) -> float:
@@ -90,4 +91,4 @@ def merge(
             options=ctx.options(token, cache, device=ctx.device, progress=report),
         )
         delivery = deliver(ctx, workspace, session, "merged", result, progress)
-    return Merged(result, estimate, delivery, default_repo_name(target) + "-plus-residuals")
+    return Merged(result, estimate, delivery, default_repo_name(target) + "-plus-residuals", scale)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from residuals_core import operations
-from residuals_core.demo import DEMO_FAMILY, EOS, World, expected_reply, question_of, score_reply
+from residuals_core.demo import DEMO_FAMILY, EOS, QUESTIONS, World, expected_reply, question_of, score_reply
 from residuals_core.demo import generate as demo_generate
 from residuals_core.demo import prompt as demo_prompt
 from residuals_core.errors import ResidualsError
@@ -221,8 +221,6 @@ def example_prompts() -> list[str]:
     world = _demo_world()
     if world is None:
         return []
-    from residuals_core.demo import QUESTIONS
-
     attributes = list(QUESTIONS)
     return [
         demo_prompt(name, attributes[i % len(attributes)], ("word", "sentence")[i % 2])

@@ -143,14 +143,13 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
         oauth_token: gr.OAuthToken | None = None,
         request: gr.Request | None = None,
     ):
-        scale = merge.space_scale(scale)
         push_to, read_token = direct_push(ctx, direct, repo_name, private, token, oauth_token)
         residuals = residuals_source(ctx, source, residuals_path, workspace)
         done = merge.merge(
             ctx, workspace, session_hash(request), target=target, scale=scale, dtype=dtype, token=read_token,
             progress=progress, residuals=residuals, push=push_to,
         )  # fmt: skip
-        return merged_outputs(done, f"{code_span(target.strip())} + {scale:g}·R", workspace)
+        return merged_outputs(done, f"{code_span(target.strip())} + {done.scale:g}·R", workspace)
 
     @spaces.GPU(duration=gpu_seconds(ctx))
     @errors
@@ -169,7 +168,6 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
         oauth_token: gr.OAuthToken | None = None,
         request: gr.Request | None = None,
     ):
-        merge.space_scale(scale)
         push_to, read_token = direct_push(ctx, direct, repo_name, private, token, oauth_token)
         done = merge.merge(
             ctx, workspace, session_hash(request), target=target, scale=scale, dtype=dtype, token=read_token,

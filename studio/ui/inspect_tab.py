@@ -153,19 +153,8 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
     ):
         """Per layer, the share of ‖R‖² the adapter would keep, and its size — before anything is written."""
         read_token = ctx.credentials.read_token(login_of(oauth_token), token)
-        done = lora.preview(
-            ctx,
-            workspace,
-            session_hash(request),
-            source,
-            path,
-            mode,
-            rank,
-            energy,
-            embeddings,
-            read_token,
-            progress,
-        )
+        asked = lora.LoraRequest(source, path, mode, rank, energy, embeddings)
+        done = lora.preview(ctx, workspace, session_hash(request), asked, read_token, progress)
         return present.previewed_text(done), pd.DataFrame(done.report["layers"], columns=["layer", "kept"])
 
     @spaces.GPU(duration=gpu_seconds(ctx))
@@ -185,19 +174,8 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
     ):
         """The LoRA adapter into the session's folder, zipped for download (it is small), ready to push."""
         read_token = ctx.credentials.read_token(login_of(oauth_token), token)
-        done = lora.export(
-            ctx,
-            workspace,
-            session_hash(request),
-            source,
-            path,
-            mode,
-            rank,
-            energy,
-            embeddings,
-            read_token,
-            progress,
-        )
+        asked = lora.LoraRequest(source, path, mode, rank, energy, embeddings)
+        done = lora.export(ctx, workspace, session_hash(request), asked, read_token, progress)
         archive = str(done.delivery.archive) if done.delivery.archive else None
         return present.exported_text(done, ctx.settings), archive, workspace
 
