@@ -412,6 +412,7 @@ def execute(
     device: str | torch.device = "cpu",
     piece_bytes: int | None = None,
     progress: Progress | None = None,
+    stats: dict[str, TensorStats] | None = None,
 ) -> dict[str, TensorStats]:
     """Stream every output tensor through `combine` into `sink`; return per-tensor norms.
 
@@ -422,11 +423,12 @@ def execute(
     is written; the delta's norm is recorded (the residual itself for compute, the scaled
     residual actually added for apply and merge). `check_reconstruction` gets the inputs as
     read (own dtypes), the work buffers after `combine`, the stored piece, and a reused scratch
-    buffer of the second input's dtype on `device`.
+    buffer of the second input's dtype on `device`. `stats`: the dict to fill (a tensor's entry is
+    final before its last piece is written, so a sink may read it when the file is done).
     """
     device = check_device(device)
     piece_bytes = piece_bytes or (DEFAULT_PIECE_BYTES if device.type == "cpu" else DEVICE_PIECE_BYTES)
-    stats: dict[str, TensorStats] = {}
+    stats = {} if stats is None else stats
     buffers = _Buffers()
     cpu = torch.device("cpu")
     total = len(plan.outputs)

@@ -314,6 +314,9 @@ class TensorSource:
         """Sort key of a tensor's bytes (file, offset): the engine reads in this order."""
         return (0, 0)
 
+    def read_only(self, names: set[str]) -> None:
+        """Only these tensors will be read: a streamed source fetches nothing else."""
+
     def finish(self) -> None:
         """Check everything read (Hub files: sha256); before anything is published."""
 
@@ -461,6 +464,16 @@ class Checkpoint(TensorSource):
             view = memoryview(out.view(torch.uint8).numpy())
             self.readers[info.file].read_into(info.offset + start * info.dtype.itemsize, view)
         return out
+
+    def read_only(self, names: set[str]) -> None:
+        """Narrow each streamed file to the byte spans of these tensors (a share of a split run)."""
+        spans: dict[str, list[tuple[int, int]]] = {file: [] for file in self.readers}
+        for name in names:
+            info = self.tensors[name]
+            spans[info.file].append((info.offset, info.offset + info.nbytes))
+        for file, reader in self.readers.items():
+            if hasattr(reader, "read_only"):
+                reader.read_only(spans[file])
 
     def finish(self) -> None:
         for reader in self.readers.values():

@@ -58,6 +58,15 @@ def _size(text: str) -> str:
     return text
 
 
+def _shard_numbers(text: str) -> tuple[int, ...]:
+    from .split_run import parse_shard_numbers
+
+    try:
+        return parse_shard_numbers(text)
+    except ResidualsError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem} {exc.fix}") from None
+
+
 def _model(text: str) -> str:
     """A model argument: a folder, a Hub id (`hf://` for one that must not be read as a folder), or a
     bundled demo model by its name (`demo:base-v1`)."""
@@ -84,6 +93,20 @@ def _common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
             "Local disk used: about two shards (see --max-shard-size) plus small files, whatever the model size",
         )
         p.add_argument("--private", action="store_true", help="with --push-to: create the repo private")
+        p.add_argument(
+            "--run-branch",
+            metavar="BRANCH",
+            help="with --push-to: write one share of a run split over several Jobs into this branch of the "
+            "repo; the share that completes the set publishes it to main in one commit (jobs run --shards N "
+            "sets this up)",
+        )
+        p.add_argument(
+            "--only-shards",
+            type=_shard_numbers,
+            metavar="LIST",
+            help="with --run-branch: the output shards this share writes, e.g. 3,7 or 2-5 (default: every one "
+            "not on the branch yet); 'none' only publishes a run whose shards are all there",
+        )
         p.add_argument(
             "--overwrite", action="store_true", help="replace --out once the new folder is complete"
         )
@@ -309,6 +332,8 @@ CLI_OPTIONS = (
     "allow_pickle",
     "push_to",
     "private",
+    "run_branch",
+    "only_shards",
 )
 assert set(CLI_OPTIONS) <= OPTION_NAMES, set(CLI_OPTIONS) - OPTION_NAMES
 
@@ -433,22 +458,37 @@ def run(argv: list[str] | None = None) -> int:
             f"{summary['adapter_bytes'] / 1e6:.1f} MB (full residuals: {summary['residual_bytes'] / 1e6:.1f} MB)"
         )
         return 0
-    common = dict(normalize_embeddings=args.normalize_embeddings, options=_options(args, progress))
-    if args.command == "sparsify":
-        result = operations.sparsify_residuals(
-            args.residuals,
-            args.out,
-            dare=args.dare,
-            trim=args.trim,
-            seed=args.seed,
-            options=common["options"],
-        )
-        print(f"sparsified residuals written to {result.location}")
-    elif args.command == "compute" and (args.dare is not None or args.trim is not None):
-        result = _compute_sparsified(args, common)
+    result = _result(args, _options(args, progress))
+    if "part" in result.summary:
+        print(f"share of the run written: {result.summary['part']} ({result.location})")
+        return 0
+    if args.command in ("sparsify", "compute") and result.reconstruction is None:
         print(f"sparsified residuals written to {result.location}")
     elif args.command == "compute":
-        result = operations.compute_residuals(
+        recon = result.reconstruction or {}
+        exact = "exact" if recon.get("exact") else f"{recon.get('mismatched_elements')} elements off"
+        print(f"residuals written to {result.location} (reconstruction check: {exact})")
+    elif args.command == "apply":
+        print(f"model written to {result.location}")
+    else:
+        print(f"merged model written to {result.location}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"total ‖delta‖ = {result.summary.get('total_norm', 0.0):.6g}")
+    return 0
+
+
+def _result(args: argparse.Namespace, options: Options):
+    """Run compute / sparsify / apply / merge as the parsed arguments say."""
+    common = dict(normalize_embeddings=args.normalize_embeddings, options=options)
+    if args.command == "sparsify":
+        return operations.sparsify_residuals(
+            args.residuals, args.out, dare=args.dare, trim=args.trim, seed=args.seed, options=options
+        )
+    if args.command == "compute" and (args.dare is not None or args.trim is not None):
+        return _compute_sparsified(args, common)
+    if args.command == "compute":
+        return operations.compute_residuals(
             args.base,
             args.instruct,
             args.out,
@@ -457,23 +497,22 @@ def run(argv: list[str] | None = None) -> int:
             license=args.license,
             **common,
         )
-        recon = result.reconstruction or {}
-        exact = "exact" if recon.get("exact") else f"{recon.get('mismatched_elements')} elements off"
-        print(f"residuals written to {result.location} (reconstruction check: {exact})")
-    elif args.command == "apply":
-        result = operations.apply_residuals(
+    if args.command == "apply":
+        return operations.apply_residuals(
             args.residuals, args.model, args.out, scale=args.scale, dtype=args.dtype, **common
         )
-        print(f"model written to {result.location}")
-    else:
-        result = operations.merge_models(
-            args.base, args.instruct, args.target, args.out, scale=args.scale, dtype=args.dtype, **common
-        )
-        print(f"merged model written to {result.location}")
-    for note in result.notes:
-        print(f"note: {note}")
-    print(f"total ‖delta‖ = {result.summary.get('total_norm', 0.0):.6g}")
-    return 0
+    return operations.merge_models(
+        args.base, args.instruct, args.target, args.out, scale=args.scale, dtype=args.dtype, **common
+    )
+
+
+def plan_command(argv: list[str], *, token: str | None) -> dict:
+    """What a compute / apply / merge command line would write, from the inputs' headers alone."""
+    args = build_parser().parse_args(argv)
+    options = _options(args, _TqdmProgress(args.command, enabled=False)).with_(
+        plan_only=True, token=token, push_to=None, run_branch=None, only_shards=None
+    )
+    return _result(args, options).summary
 
 
 def main(argv: list[str] | None = None) -> int:

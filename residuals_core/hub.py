@@ -92,8 +92,17 @@ def valid_repo_id(name: str) -> bool:
     return True
 
 
+def split_revision(name: str) -> tuple[str, str | None]:
+    """'org/model@REV' -> ('org/model', 'REV'): a Hub id pinned to a commit or branch (HfFileSystem's form)."""
+    repo, at, revision = name.partition("@")
+    return (repo, revision) if at and revision and "/" not in revision else (name, None)
+
+
 def is_hub_id(name: str) -> bool:
-    """True for 'org/model' style ids that are not an existing local path, and for any 'hf://org/model'."""
+    """True for 'org/model' style ids that are not an existing local path, and for any 'hf://org/model'
+    (either may be pinned to a revision: 'hf://org/model@COMMIT')."""
+    if "@" in name:
+        name = split_revision(name)[0]
     if name.startswith(HUB_PREFIX):
         bare = name.removeprefix(HUB_PREFIX)
         return not looks_like_local_path(bare) and valid_repo_id(bare)
@@ -276,7 +285,8 @@ def open_hub_model(
     """
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-    repo_id = repo_id.removeprefix("hf://")
+    repo_id, pinned = split_revision(repo_id.removeprefix("hf://"))
+    revision = revision or pinned
     api = HfApi(token=token)
     with hub_errors(repo_id, revision):
         info = with_rate_limits(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))

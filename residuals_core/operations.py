@@ -39,7 +39,9 @@ from .manifest import MANIFEST_NAME, ManifestCheck, read_manifest
 from .options import Options, make_options
 from .sinks import Sink, check_disk, open_sink
 from .tokenizer import tokenizer_files
-from .writer import ShardWriter, shard_sizes
+from .writer import ShardPlan as ShardSplit
+from .writer import ShardWriter
+from .writer import plan_shards as split_into_shards
 
 __all__ = [
     "ResidualsFolder",
@@ -256,9 +258,12 @@ def stream_into(
     """Stream the plan into the sink's weight files; then check every input read (Hub sha256).
 
     The tensors are written in the order their bytes lie in the inputs (`reading_order`), so Hub
-    inputs stream forward; the shard layout follows that order.
+    inputs stream forward; the shard layout follows that order. A sink that takes only a share of
+    the files (a split run) gets only those written, and the inputs read only their tensors' bytes.
     """
-    plan = arithmetic.reading_order(plan)
+    plan, split = output_split(plan, options)
+    tensor_stats: dict[str, arithmetic.TensorStats] = {}
+    only = sink.share(split, {o.name: o.info for o in plan.outputs}, tensor_stats)
     writer = ShardWriter(
         sink.path,
         [o.info for o in plan.outputs],
@@ -267,11 +272,14 @@ def stream_into(
         fsync=options.fsync,
         before_shard=sink.before_shard,
         shard_done=sink.shard_done,
+        only_files=only,
     )
     by_name = {o.name: o for o in plan.outputs}
     plan = arithmetic.Plan([by_name[n] for n in writer.order], plan.vocab_rows, plan.notes)
+    if only is not None:
+        _read_only(plan, inputs)
     try:
-        tensor_stats = arithmetic.execute(
+        arithmetic.execute(
             plan,
             combine,
             writer,
@@ -280,6 +288,7 @@ def stream_into(
             device=options.device,
             piece_bytes=options.piece_bytes,
             progress=options.progress,
+            stats=tensor_stats,
         )
         weights = writer.close()
     except BaseException:
@@ -287,7 +296,23 @@ def stream_into(
         raise
     for source in inputs:
         source.finish()
-    return weights, tensor_stats
+    return sink.gather(weights, tensor_stats)
+
+
+def output_split(plan: arithmetic.Plan, options: Options) -> tuple[arithmetic.Plan, ShardSplit]:
+    """The plan in reading order and the weight files it is written as (names and tensors)."""
+    plan = arithmetic.reading_order(plan)
+    return plan, split_into_shards([o.info for o in plan.outputs], options.max_shard_bytes)
+
+
+def _read_only(plan: arithmetic.Plan, inputs: list[TensorSource]) -> None:
+    """Each input reads only the tensors this plan's outputs use (a share of a split run)."""
+    used: dict[int, set[str]] = {id(source): set() for source in inputs}
+    for out in plan.outputs:
+        for source, name in out.operands:
+            used.setdefault(id(source), set()).add(name)
+    for source in inputs:
+        source.read_only(used[id(source)])
 
 
 def write_result(
@@ -300,6 +325,7 @@ def write_result(
     tokenizer_folders: list[Path] | None = None,
     card_data: Any = None,
     before_publish: Callable[[], None] | None = None,
+    plan: arithmetic.Plan | None = None,
 ) -> Result:
     """The one way a result is written, whatever it holds (residuals, a merged model, an adapter).
 
@@ -308,18 +334,31 @@ def write_result(
     the tokenizer the result may copy from `tokenizer_folders`, let `write` fill it (weights, then
     small files) and return its Result, run `before_publish` (a check whose failure must leave no
     output), then publish: the folder renamed into place, or the one commit. The output never
-    touches `inputs`.
+    touches `inputs`. With `options.plan_only` nothing is written: the Result describes `plan`.
+    A share of a split run that leaves shards to other shares returns a Result saying so.
     """
+    from .split_run import PartWritten, describe_part
+
+    if options.plan_only:
+        if plan is None:
+            raise ResidualsError(
+                "This command cannot be planned ahead or split.", "Run it as one job, without --shards."
+            )
+        return Result(path=None, tensors={}, summary=describe_plan(plan, options, inputs), manifest={})
     metadata = card.metadata_block(card_data) if card_data is not None else None
     sink = open_sink(out_dir, options, inputs=inputs, card_metadata=metadata)
     small = max(
         (sum(p.stat().st_size for p in tokenizer_files(f)) for f in tokenizer_folders or []), default=0
     )
     check_disk(sink, shard_bytes, small)
-    with sink:
-        result = write(sink)
-        if before_publish is not None:
-            before_publish()
+    try:
+        with sink:
+            result = write(sink)
+            if before_publish is not None:
+                before_publish()
+    except PartWritten as part:
+        summary = {"part": describe_part(part), "written": part.written, "present": part.present}
+        return Result(path=None, tensors={}, summary=summary, manifest={}, url=sink.location)
     if getattr(sink, "repo_id", None):
         result.path, result.url = None, sink.location
     else:
@@ -329,7 +368,30 @@ def write_result(
 
 def plan_shards(plan: arithmetic.Plan, options: Options) -> list[int]:
     """The sizes of the weight files a plan's output will be written as."""
-    return shard_sizes([o.info for o in plan.outputs], options.max_shard_bytes)
+    plan, split = output_split(plan, options)
+    sizes = {o.name: o.info.nbytes for o in plan.outputs}
+    return [sum(sizes[n] for n in names) for _, names in split.files]
+
+
+def describe_plan(plan: arithmetic.Plan, options: Options, inputs: list[TensorSource]) -> dict[str, Any]:
+    """What a run would write, from headers (`plan_only`): its weight files with sizes, the plan's
+    fingerprint, and the commit each Hub input was read at (to pin the shares of a split run)."""
+    from .split_run import plan_fingerprint
+
+    plan, split = output_split(plan, options)
+    specs = {o.name: o.info for o in plan.outputs}
+    return {
+        "shards": [{"file": f, "bytes": sum(specs[t].nbytes for t in names)} for f, names in split.files],
+        "fingerprint": plan_fingerprint(split, specs),
+        "read_bytes": sum(
+            source.tensors[name].nbytes for out in plan.outputs for source, name in out.operands
+        ),
+        "inputs": {
+            source.label: next(iter(source.readers.values())).location.commit
+            for source in inputs
+            if getattr(source, "remote", False) and source.readers
+        },
+    }
 
 
 def sink_name(sink: Sink) -> str:
@@ -417,6 +479,7 @@ def compute_residuals(
             write=write,
             tokenizer_folders=[inst_ck.folder],
             card_data=card_data,
+            plan=plan,
         )
     finally:
         _close_all(base_ck, inst_ck)
@@ -605,6 +668,7 @@ def _merge_into(
         tokenizer_folders=[target.folder, *tokenizer_folders],
         card_data=card_data,
         before_publish=before_publish,  # e.g. the residuals' checksum check: raising here leaves no output
+        plan=plan,
     )
 
 

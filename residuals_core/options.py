@@ -38,6 +38,10 @@ class Options:
     - max_small_file_bytes: the largest such small file a Hub model may have (refused beyond)
     - push_to, private: write straight into this Hub repo instead of a folder
     - work_dir: where a Hub output's shards wait for their upload (default: the temp folder)
+    - run_branch, only_shards: write one share of a run split over several Jobs: the output shards
+      numbered `only_shards` (1-based; None: every one not yet there) go to the branch `run_branch`
+      of `push_to`, and the share that completes the set makes the one commit to main
+    - plan_only: open the inputs and plan, write nothing; the Result's summary holds the shard plan
     - progress: callback (done, total, tensor name)
     """
 
@@ -55,6 +59,9 @@ class Options:
     push_to: str | None = None
     private: bool = False
     work_dir: str | os.PathLike | None = None
+    run_branch: str | None = None
+    only_shards: tuple[int, ...] | None = None
+    plan_only: bool = False
     progress: Progress | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +77,18 @@ class Options:
         if self.push_to is not None and not isinstance(self.push_to, str):
             raise ResidualsError(
                 f"push_to={self.push_to!r} is not a repo id.", "Give push_to as 'user/name'."
+            )
+        if self.run_branch is not None and self.push_to is None:
+            raise ResidualsError(
+                "A share of a split run (run_branch) writes into a Hub repo, and no push_to was given.",
+                "Add --push-to ME/NAME, the repo the run publishes into.",
+            )
+        if self.only_shards is not None and (
+            self.run_branch is None or any(not isinstance(n, int) or n < 1 for n in self.only_shards)
+        ):
+            raise ResidualsError(
+                f"only_shards={self.only_shards!r} needs a run branch and shard numbers from 1.",
+                "Give --only-shards with --run-branch, e.g. --only-shards 3,7 (or use jobs run --shards N).",
             )
 
     def with_(self, **changes: Any) -> Options:

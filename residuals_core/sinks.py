@@ -46,6 +46,15 @@ class Sink:
     def shard_done(self, path: Path, checksums: dict) -> None:
         """Called (from the writer's thread) when a weight file is complete and closed, with its checksums."""
 
+    def share(self, split: Any, specs: dict[str, Any], tensor_stats: dict) -> set[str] | None:
+        """The weight files of `split` (tensors `specs`) this sink takes (None: all of them);
+        `tensor_stats` fills as they stream."""
+        return None
+
+    def gather(self, weights: dict, tensor_stats: dict) -> tuple[dict, dict]:
+        """Once the share is written: the weights and per-tensor stats of the whole result."""
+        return weights, tensor_stats
+
     def disk_needed(self, shard_sizes: list[int]) -> tuple[Path, int]:
         """(folder, bytes) of local disk this sink needs for weight files of these sizes."""
         raise NotImplementedError
@@ -78,6 +87,10 @@ def open_sink(
                 "Give one: --out for a local folder, or --push-to for a Hub repo.",
             )
         repos = [s.label for s in inputs if getattr(s, "remote", False)]
+        if options.run_branch is not None:
+            from .split_run import RunShareSink
+
+            return RunShareSink(options.push_to, options, inputs=repos, card_metadata=card_metadata)
         return HubRepoSink(options.push_to, options, inputs=repos, card_metadata=card_metadata)
     if out_dir is None:
         raise ResidualsError(
@@ -380,7 +393,7 @@ class HubRepoSink(Sink):
         self._commit_tried = False  # only then can a failed run's commit have landed all the same
         self._operations: list = []
         self._slots = threading.Semaphore(UPLOAD_SLOTS)
-        self._queue: queue.Queue[tuple[Path, str, str | None, bool] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Path, str, dict | None, bool] | None] = queue.Queue()
         self._failure: BaseException | None = None
         self._threads: list[threading.Thread] = []
 
@@ -466,7 +479,7 @@ class HubRepoSink(Sink):
         self._check_uploads()
 
     def shard_done(self, path: Path, checksums: dict) -> None:
-        self._queue.put((path, path.name, checksums["sha256"], True))
+        self._queue.put((path, path.name, checksums, True))
 
     def add_file(self, path: Path, path_in_repo: str) -> None:
         """Upload a finished file from elsewhere (a pushed folder) as it comes: read, never deleted."""
@@ -479,20 +492,22 @@ class HubRepoSink(Sink):
         from .hub import with_rate_limits
 
         while (item := self._queue.get()) is not None:
-            path, path_in_repo, sha256, owned = item
+            path, path_in_repo, checksums, owned = item
             uploaded = False
             try:
                 if self._failure is None:
                     operation = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
-                    if sha256 is not None:
-                        operation.upload_info.sha256 = bytes.fromhex(sha256)  # known from writing
+                    if checksums is not None:
+                        operation.upload_info.sha256 = bytes.fromhex(
+                            checksums["sha256"]
+                        )  # known from writing
                     # a rerun: Xet sends only chunks the Hub lacks; LFS skips objects it already holds
                     with_rate_limits(
-                        lambda op=operation: self._api.preupload_lfs_files(self.repo_id, additions=[op])
+                        lambda op=operation: self._api.preupload_lfs_files(
+                            self.repo_id, additions=[op], revision=self.upload_revision
+                        )
                     )
-                    self._operations.append(operation)
-                    # a "regular" file is not uploaded yet: the commit reads it, so it must stay on disk
-                    uploaded = operation._upload_mode == "lfs" and operation._is_uploaded
+                    uploaded = self._uploaded(operation, checksums)
                     self.uploaded += uploaded
             except BaseException as exc:
                 self._failure = self._failure or exc
@@ -501,6 +516,17 @@ class HubRepoSink(Sink):
                     with contextlib.suppress(OSError):
                         path.unlink()
                 self._slots.release()
+                self._queue.task_done()
+        self._queue.task_done()
+
+    upload_revision: str | None = None  # where shards are uploaded to (None: main)
+
+    def _uploaded(self, operation: Any, checksums: dict | None) -> bool:
+        """A file is preuploaded: keep its operation for the commit; whether its local copy may go.
+
+        A "regular" file is not uploaded yet: the commit reads it, so it must stay on disk."""
+        self._operations.append(operation)
+        return operation._upload_mode == "lfs" and operation._is_uploaded
 
     def _check_uploads(self) -> None:
         if self._failure is not None:
@@ -561,7 +587,8 @@ class HubRepoSink(Sink):
 
         from .hub import hub_refusal, rate_limit_wait
 
-        shards = {op.path_in_repo for op in self._operations}
+        weights = self._final_operations()
+        shards = {op.path_in_repo for op in weights}
         small = [
             CommitOperationAdd(path_in_repo=p.relative_to(self.path).as_posix(), path_or_fileobj=str(p))
             for p in sorted(self.path.rglob("*"))
@@ -572,16 +599,18 @@ class HubRepoSink(Sink):
             try:
                 self._api.create_commit(
                     repo_id=self.repo_id,
-                    operations=[*self._operations, *small],
+                    operations=[*weights, *small],
                     commit_message=self.commit_message,
                     commit_description=self.run_marker,
+                    parent_commit=self._parent_commit(),
                 )
                 return
             except (HfHubHTTPError, httpx.TransportError) as exc:
                 response = getattr(exc, "response", None)
                 status = response.status_code if response is not None else None
                 wait = rate_limit_wait(response)
-                unknown = status in UNKNOWN_OUTCOME or status is None or wait is not None
+                # 412: main moved since `_parent_commit` (another writer); ours may be the commit that did
+                unknown = status in (*UNKNOWN_OUTCOME, 412) or status is None or wait is not None
                 if unknown and self._landed():
                     return  # the commit was made; only its answer was lost
                 if not unknown or attempt == COMMIT_ATTEMPTS:
@@ -589,6 +618,14 @@ class HubRepoSink(Sink):
                         raise
                     raise hub_refusal(exc, self.repo_id) from exc
                 time.sleep(wait[0] + 1 if wait else COMMIT_RETRY_WAIT_S * attempt)
+
+    def _final_operations(self) -> list:
+        """The weight files' operations of the one commit."""
+        return self._operations
+
+    def _parent_commit(self) -> str | None:
+        """The commit the one commit must follow (None: whatever main is then)."""
+        return None
 
     def _landed(self) -> bool:
         """Whether this run's commit is on the repo's main branch (found by the run's marker)."""

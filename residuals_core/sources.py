@@ -97,6 +97,10 @@ class HubFile(ByteReader):
     are still hashed); reads behind it, which only happen when inputs order their tensors
     differently, are fetched again by range and checked against the per-chunk digests the stream
     recorded, so every byte the engine uses is verified.
+
+    `read_only(spans)` narrows the stream to those byte spans (a run split over several Jobs reads
+    only its share of each file): each span is one ranged GET, nothing outside them is fetched, and
+    the file's sha256 cannot be checked, since no job reads it whole.
     """
 
     def __init__(self, location: HubLocation, *, read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES):
@@ -109,9 +113,23 @@ class HubFile(ByteReader):
         self.url = hf_hub_url(location.repo_id, location.filename, revision=location.commit)
         self._headers = build_hf_headers(token=location.token)
         self._read_ahead_chunks = max(2, read_ahead_bytes // CHUNK_BYTES)
+        self._spans: list[tuple[int, int]] | None = None  # None: the whole file, hashed
         self._stream: _Stream | None = None
-        self._held: tuple[int, bytes] | None = None  # the last chunk taken from the stream
-        self._recent: tuple[int, bytes] | None = None  # the last chunk fetched again by range
+        self._held: tuple[int, bytes] | None = None  # (offset, bytes) last taken from the stream
+        self._recent: tuple[int, bytes] | None = None  # (offset, bytes) last fetched again by range
+
+    def read_only(self, spans: list[tuple[int, int]]) -> None:
+        """Stream only these [start, stop) byte spans (sorted, adjacent ones joined); before any read."""
+        joined: list[list[int]] = []
+        for start, stop in sorted(spans):
+            if stop <= start:
+                continue
+            if joined and start <= joined[-1][1]:
+                joined[-1][1] = max(joined[-1][1], stop)
+            else:
+                joined.append([start, stop])
+        self.close()
+        self._spans = [(a, b) for a, b in joined]
 
     # ---- reading -------------------------------------------------------------------------------
     def read_into(self, offset: int, view: memoryview) -> None:
@@ -123,11 +141,10 @@ class HubFile(ByteReader):
         done = 0
         while done < len(view):
             position = offset + done
-            index = position // CHUNK_BYTES
-            chunk = self._chunk(index)
-            start = position - index * CHUNK_BYTES
-            count = min(len(view) - done, len(chunk) - start)
-            view[done : done + count] = chunk[start : start + count]
+            start, chunk = self._piece_at(position)
+            at = position - start
+            count = min(len(view) - done, len(chunk) - at)
+            view[done : done + count] = chunk[at : at + count]
             done += count
 
     def read_range(self, offset: int, length: int) -> bytes:
@@ -157,32 +174,36 @@ class HubFile(ByteReader):
             )
         return data
 
-    def _chunk(self, index: int) -> bytes:
-        if self._held is not None and self._held[0] == index:
-            return self._held[1]
-        if self._recent is not None and self._recent[0] == index:
-            return self._recent[1]
+    def _piece_at(self, position: int) -> tuple[int, bytes]:
+        """(offset, bytes) of a piece holding `position`: held, from the stream, or fetched again."""
+        for piece in (self._held, self._recent):
+            if piece is not None and piece[0] <= position < piece[0] + len(piece[1]):
+                return piece
         if self._stream is None:
-            self._stream = _Stream(self, self._read_ahead_chunks)
-        if (
-            index >= self._stream.taken
-        ):  # ahead of the stream: take chunks up to it (skipped ones still hashed)
-            while self._stream.taken <= index:
-                self._held = (self._stream.taken, self._stream.take())
-            return self._held[1]
-        return self._fetch_again(index)
+            self._stream = _Stream(self, self._read_ahead_chunks, self._spans)
+        if position >= self._stream.position:  # ahead of the stream: take pieces up to it
+            while self._stream.position <= position:
+                piece = self._stream.take()
+                self._held = piece
+                if piece[0] <= position < piece[0] + len(piece[1]):
+                    return piece
+                if piece[0] > position:
+                    break  # outside the spans: fetched by range below
+        return self._fetch_again(position)
 
-    def _fetch_again(self, index: int) -> bytes:
-        """A chunk the stream already passed: fetched by range, checked against its recorded digest."""
+    def _fetch_again(self, position: int) -> tuple[int, bytes]:
+        """Bytes the stream already passed (or never holds): fetched by range; in a whole-file stream
+        checked against the digest it recorded for that chunk."""
+        index = position // CHUNK_BYTES
         start = index * CHUNK_BYTES
         data = self.read_range(start, min(CHUNK_BYTES, self.size - start))
-        if xxhash.xxh3_64_intdigest(data) != self._stream.chunk_digests[index]:
+        if self._spans is None and xxhash.xxh3_64_intdigest(data) != self._stream.chunk_digests[index]:
             raise ResidualsError(
                 f"{self.label}: bytes {start}–{start + len(data)} differ from the first time they were read.",
                 "The Hub served inconsistent data; try again later.",
             )
-        self._recent = (index, data)
-        return data
+        self._recent = (start, data)
+        return self._recent
 
     # ---- checking and closing ----------------------------------------------------------------------
     def verify(self) -> None:
@@ -191,13 +212,17 @@ class HubFile(ByteReader):
         For readers that jump around (a model instance updated tensor by tensor): later reads are
         then fetched by range and checked against the verified stream's chunk digests.
         """
+        self._spans = None
         if self._stream is None:
-            self._stream = _Stream(self, self._read_ahead_chunks)
+            self._stream = _Stream(self, self._read_ahead_chunks, None)
         self.finish()
 
     def finish(self) -> None:
         if self._stream is None:
             return  # nothing of this file was used
+        if self._spans is not None:
+            self._stream.check()  # a share of the file: no sha256 to check it against
+            return
         digest = self._stream.drain()
         expected = self.location.sha256
         if expected is not None and digest != expected:
@@ -215,17 +240,18 @@ class HubFile(ByteReader):
 
 
 class _Stream:
-    """A background thread reading one Hub file from byte 0 to its end into a bounded queue.
-
-    Each queued item is one whole chunk; the thread hashes it (sha256 of the file, xxh3 per chunk)
-    before queueing, so hashing overlaps the engine's arithmetic. A cut connection, a timeout or
+    """A background thread reading one Hub file into a bounded queue of (offset, bytes) pieces:
+    the whole file from byte 0 (hashed: sha256 of the file, xxh3 per chunk), or only some spans,
+    one ranged GET each. Hashing overlaps the engine's arithmetic. A cut connection, a timeout or
     a 5xx is retried with exponential backoff from the byte where it stopped.
     """
 
-    def __init__(self, file: HubFile, depth: int):
+    def __init__(self, file: HubFile, depth: int, spans: list[tuple[int, int]] | None):
         self.file = file
+        self.spans = [(0, file.size)] if spans is None else spans
+        self.hashing = spans is None
         self.chunk_digests: list[int] = []
-        self.taken = 0  # index of the next chunk the consumer takes
+        self.position = self.spans[0][0] if self.spans else file.size  # end of the pieces taken
         self._sha256 = hashlib.sha256()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -233,7 +259,7 @@ class _Stream:
         self._thread = threading.Thread(target=self._run, name=f"hub-read {file.label}", daemon=True)
         self._thread.start()
 
-    def take(self) -> bytes:
+    def take(self) -> tuple[int, bytes]:
         while True:
             try:
                 item = self._queue.get(timeout=0.5)
@@ -245,18 +271,23 @@ class _Stream:
                 continue
             if item is None:
                 raise self._failure or RuntimeError(f"{self.file.label}: read past the end of the stream")
-            self.taken += 1
+            self.position = item[0] + len(item[1])
             return item
 
     def drain(self) -> str:
         """Read what is left to the end of the file (usually nothing); the file's sha256."""
-        total = -(-self.file.size // CHUNK_BYTES)
-        while self.taken < total:
+        while self.position < self.file.size:
             self.take()
         self._thread.join()
         if self._failure is not None:
             raise self._failure
         return self._sha256.hexdigest()
+
+    def check(self) -> None:
+        """Stop the stream; raise what made it fail, if anything did."""
+        self.stop()
+        if self._failure is not None:
+            raise self._failure
 
     def stop(self) -> None:
         self._stop.set()
@@ -265,7 +296,7 @@ class _Stream:
                 self._queue.get(timeout=0.1)
         self._thread.join()
 
-    def _put(self, item: bytes | None) -> bool:
+    def _put(self, item: tuple[int, bytes] | None) -> bool:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.2)
@@ -274,28 +305,33 @@ class _Stream:
                 continue
         return False
 
-    def _emit(self, chunk: bytes) -> bool:
-        self._sha256.update(chunk)
-        self.chunk_digests.append(xxhash.xxh3_64_intdigest(chunk))
-        return self._put(chunk)
+    def _emit(self, offset: int, chunk: bytes) -> bool:
+        if self.hashing:
+            self._sha256.update(chunk)
+            self.chunk_digests.append(xxhash.xxh3_64_intdigest(chunk))
+        return self._put((offset, chunk))
 
     def _run(self) -> None:
         try:
-            self._read_all()
+            for start, stop in self.spans:
+                if not self._read_span(start, stop):
+                    return
+            self._put(None)
         except BaseException as exc:
             self._failure = exc
             self._put(None)
 
-    def _read_all(self) -> None:
+    def _read_span(self, span_start: int, span_stop: int) -> bool:
+        """Bytes [span_start, span_stop) as pieces of CHUNK_BYTES; False when stopped."""
         from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff, httpx
 
         file = self.file
-        position = 0  # bytes emitted as whole chunks
-        pending = bytearray()  # bytes of the current, incomplete chunk
+        position = span_start  # bytes emitted as whole pieces
+        pending = bytearray()  # bytes of the current, incomplete piece
         failures, wait = 0, FIRST_RETRY_WAIT_S
-        while position + len(pending) < file.size:
+        while position + len(pending) < span_stop:
             start = position + len(pending)
-            headers = {**file._headers, "Range": f"bytes={start}-{file.size - 1}"}
+            headers = {**file._headers, "Range": f"bytes={start}-{span_stop - 1}"}
             try:
                 with (
                     _hub_read_errors(file.label),
@@ -313,12 +349,12 @@ class _Stream:
                         for data in response.iter_bytes(RECEIVE_BYTES):
                             pending += data
                             while len(pending) >= CHUNK_BYTES:
-                                if not self._emit(bytes(pending[:CHUNK_BYTES])):
-                                    return
+                                if not self._emit(position, bytes(pending[:CHUNK_BYTES])):
+                                    return False
                                 del pending[:CHUNK_BYTES]
                                 position += CHUNK_BYTES
                             if self._stop.is_set():
-                                return
+                                return False
                             failures, wait = 0, FIRST_RETRY_WAIT_S  # progress: a later cut starts over
                     except httpx.TransportError as exc:
                         cut = exc
@@ -345,14 +381,12 @@ class _Stream:
                 else:
                     time.sleep(wait)
                     wait = min(MAX_RETRY_WAIT_S, wait * 2)
-            if position + len(pending) > file.size:
+            if position + len(pending) > span_stop:
                 raise ResidualsError(
                     f"{file.label}: the Hub sent more bytes than the file's size ({file.size}).",
                     "Try again later.",
                 )
-        if pending and not self._emit(bytes(pending)):
-            return
-        self._put(None)
+        return not pending or self._emit(position, bytes(pending))
 
 
 class _RetryableRead(Exception):

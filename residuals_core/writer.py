@@ -126,6 +126,7 @@ class ShardWriter:
         fsync: bool = False,
         before_shard: Callable[[], None] | None = None,
         shard_done: Callable[[Path, dict], None] | None = None,
+        only_files: set[str] | None = None,
     ):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -135,7 +136,11 @@ class ShardWriter:
         split = plan_shards(specs, max_shard_size)
         self.split = split
         self._specs = {s.name: s for s in specs}
-        self._queue: list[tuple[str, list[str]]] = [(f, list(names)) for f, names in split.files]
+        # a share of a split run writes only these files (named and laid out as in the whole result)
+        self.partial = only_files is not None
+        self._queue: list[tuple[str, list[str]]] = [
+            (f, list(names)) for f, names in split.files if only_files is None or f in only_files
+        ]
         self.manifest: dict[str, dict[str, Any]] = {}
         self._file: _OutputFile | None = None
         self._block: _Block | None = None
@@ -217,13 +222,8 @@ class ShardWriter:
             self._finish_file()
         self._stop()
         self._check_background()
-        if self.split.is_sharded:
-            index = {
-                "metadata": {"total_size": self.total_bytes},
-                "weight_map": dict(self.split.tensor_to_filename),
-            }
-            path = self.folder / "model.safetensors.index.json"
-            path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if self.split.is_sharded and not self.partial:
+            path = write_index(self.folder, self.split, self.total_bytes)
             self.manifest[path.name] = file_digest(path)
         return self.manifest
 
@@ -416,6 +416,14 @@ def plan_shards(specs: list[TensorInfo], max_shard_size: int | str) -> ShardPlan
         return ShardPlan([("model.safetensors", groups[0])])
     count = len(groups)
     return ShardPlan([(f"model-{i + 1:05d}-of-{count:05d}.safetensors", g) for i, g in enumerate(groups)])
+
+
+def write_index(folder: Path, split: ShardPlan, total_bytes: int) -> Path:
+    """`model.safetensors.index.json` of a sharded result, as save_pretrained writes it."""
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(split.tensor_to_filename)}
+    path = Path(folder) / "model.safetensors.index.json"
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def shard_sizes(specs: list[TensorInfo], max_shard_size: int | str) -> list[int]:
