@@ -280,14 +280,41 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--token", default=None, help="your Hugging Face token (default: HF_TOKEN / your login)")
     j.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     j.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split compute/apply/merge over N jobs by output shard (job k writes shards k, k+N, …, reading "
+        "only their tensors' bytes); the last to finish publishes the whole result in one commit. Run the "
+        "same command again to resume a run: shards already written are skipped",
+    )
+    j.add_argument(
+        "--only-shards",
+        type=_shard_numbers,
+        default=None,
+        metavar="LIST",
+        help="with --shards: submit only these output shards, e.g. 3,7 (a failed job's, as jobs status shows)",
+    )
+    j.add_argument(
+        "--plan",
+        action="store_true",
+        help="with --shards: print each job's shards, time and cost from the Hub's hardware list; submit nothing",
+    )
+    j.add_argument(
         "job_argv",
         nargs=argparse.REMAINDER,
         metavar="COMMAND ...",
         help="e.g. merge --base … --push-to ME/OUT",
     )
-    for action, what in (("status", "the job's stage"), ("logs", "stream its logs"), ("cancel", "stop it")):
+    for action, what in (
+        ("status", "the job's stage (of a split run: every job's, and the shards written)"),
+        ("logs", "stream its logs"),
+        ("cancel", "stop it (a split run: all its jobs)"),
+    ):
         j = jobs.add_parser(action, help=what)
-        j.add_argument("job_id", help="the job's id, OWNER/ID, or the URL `jobs run` printed")
+        j.add_argument(
+            "job_id", help="the job's id, OWNER/ID, the URL `jobs run` printed, or a split run's REPO@BRANCH"
+        )
         j.add_argument("--namespace", default=None)
         j.add_argument("--token", default=None)
 
@@ -381,6 +408,10 @@ def _jobs(args: argparse.Namespace) -> int:
         image = args.image or (
             f"hf.co/spaces/{os.environ['SPACE_ID']}" if os.environ.get("SPACE_ID") else None
         )
+        if args.shards is not None:
+            return _split_run(args, token, image)
+        if args.only_shards is not None or args.plan:
+            raise ResidualsError("--only-shards and --plan go with --shards.", "Add --shards N.")
         if image is None:
             raise ResidualsError(
                 "No image to run the job in.",
@@ -403,6 +434,18 @@ def _jobs(args: argparse.Namespace) -> int:
         final = jobs.wait_for_job(submitted.url, token=token, namespace=args.namespace)
         print(jobs.describe_end(final), flush=True)
         return 0 if final.status.stage == "COMPLETED" else 1  # as `hf jobs`: a failed job fails the command
+    if jobs.parse_run_ref(args.job_id) is not None and args.jobs_command in ("status", "cancel"):
+        if args.jobs_command == "status":
+            status = jobs.split_run_status(args.job_id, token=token, namespace=args.namespace)
+            print(status.describe())
+            for job in status.jobs:
+                message = f" — {job.status.message}" if job.status.message else ""
+                part = job.labels.get("residuals-part", "?").replace("-of-", "/")
+                print(f"  job {part} {job.id}: {job.status.stage}{message} ({job.url})")
+        else:
+            cancelled = jobs.cancel_split_run(args.job_id, token=token, namespace=args.namespace)
+            print(f"run {args.job_id}: cancel requested for {len(cancelled)} job(s)")
+        return 0
     if args.jobs_command == "status":
         info = jobs.job_status(args.job_id, token=token, namespace=args.namespace)
         message = f" — {info.status.message}" if info.status.message else ""
@@ -414,6 +457,70 @@ def _jobs(args: argparse.Namespace) -> int:
         jobs.cancel_job(args.job_id, token=token, namespace=args.namespace)
         print(f"job {args.job_id}: cancel requested")
     return 0
+
+
+def _split_run(args: argparse.Namespace, token: str | None, image: str | None) -> int:
+    """jobs run --shards N: plan, say the cost, submit the jobs; with --follow, watch them all."""
+    import time
+
+    from . import jobs
+
+    plan = jobs.plan_split_run(
+        args.job_argv,
+        shards=args.shards,
+        token=token,
+        only_shards=args.only_shards,
+        flavor=args.flavor,
+        timeout=args.timeout,
+        namespace=args.namespace,
+    )
+    print(plan.describe(), flush=True)
+    if plan.published:
+        print(f"run {plan.ref}: already published to {plan.repo_id}")
+        return 0
+    if args.plan:
+        return 0
+    if not plan.parts and not plan.busy:  # every shard is there: publish from here (small files only)
+        print(f"run {plan.ref}: every shard is on the run branch; publishing it from here", flush=True)
+        return run([*plan.argv, "--run-branch", plan.branch, "--only-shards", "none", "--quiet"])
+    if image is None:
+        raise ResidualsError(
+            "No image to run the jobs in.",
+            "Give --image hf.co/spaces/OWNER/NAME (a Space of this project), or run it from such a Space.",
+        )
+    for job in jobs.submit_split_run(plan, token=token, image=image, namespace=args.namespace):
+        print(f"job {job.id} submitted: {job.url}", flush=True)
+    print(
+        f"run {plan.ref}: follow with `jobs status {plan.ref}`, stop with `jobs cancel {plan.ref}`",
+        flush=True,
+    )
+    if not args.follow:
+        return 0
+    seen = ""
+    while True:
+        status = jobs.split_run_status(plan.ref, token=token, namespace=args.namespace)
+        if status.describe() != seen:
+            seen = status.describe()
+            print(seen, flush=True)
+        if status.finished:
+            break
+        time.sleep(FOLLOW_POLL_S)
+    if status.published:
+        return 0
+    failed = [j for j in status.jobs if j.status.stage != "COMPLETED"]
+    for job in failed:
+        print(
+            f"  job {job.labels.get('residuals-part', '?')} {job.id}: {job.status.stage} {job.status.message or ''}"
+        )
+    print(
+        f"run {plan.ref} is not complete: run the same `jobs run --shards` command again to write the shards "
+        "still missing (those on the branch are kept)",
+        flush=True,
+    )
+    return 1
+
+
+FOLLOW_POLL_S = 2.0
 
 
 class Terminated(BaseException):

@@ -20,7 +20,7 @@ from typing import Any
 
 from .checkpoint import INDEX_NAME, read_json, select_weight_files
 from .errors import ResidualsError
-from .hub import hub_errors, is_hub_id, with_rate_limits
+from .hub import hub_errors, is_hub_id, split_revision, with_rate_limits
 from .units import format_duration, format_size
 
 JOB_COMMANDS = ("compute", "apply", "merge", "lora")
@@ -104,10 +104,10 @@ def _model_bytes(name: str, token: str | None) -> int:
         sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
         files = select_weight_files(list(sizes), lambda: read_json(folder / INDEX_NAME), name)
         return sum(sizes[f] for f in files)
-    repo_id = name.removeprefix("hf://")
+    repo_id, revision = split_revision(name.removeprefix("hf://"))
     api = HfApi(token=token)
-    with hub_errors(repo_id, None):
-        info = with_rate_limits(lambda: api.model_info(repo_id, files_metadata=True))
+    with hub_errors(repo_id, revision):
+        info = with_rate_limits(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or [] if "/" not in s.rfilename}
 
         def index() -> dict:  # fetched only when the repo has one
@@ -243,3 +243,306 @@ def cancel_job(job_id: str, *, token: str | None, namespace: str | None = None) 
     owner, job_id = parse_job_ref(job_id)
     with hub_errors(f"job {job_id}", None):
         _api(token).cancel_job(job_id=job_id, namespace=namespace or owner)
+
+
+# ---- a run split over several Jobs by output shard (see split_run) ----------------------------------
+RUN_LABEL = "residuals-run"
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """A split run before submission: the inputs pinned, its branch, each job's shards, time and cost."""
+
+    repo_id: str
+    branch: str
+    argv: list[str]  # the command with every Hub input pinned to the commit it was planned from
+    shards: list[dict]  # {"file", "bytes"} in the result's order
+    done: list[int]  # shard numbers already on the branch
+    busy: list[int]  # shard numbers a running job of this run is writing
+    parts: list[list[int]]  # the shard numbers of each job to submit
+    jobs: list[JobPlan]
+    flavor: str
+    usd_per_hour: float | None  # the flavour's price from the Hub's hardware list
+    published: bool
+
+    @property
+    def ref(self) -> str:
+        """How `jobs status` and `jobs cancel` name the run."""
+        return f"{self.repo_id}@{self.branch}"
+
+    @property
+    def job_hours(self) -> float:
+        return sum(plan.estimate_s for plan in self.jobs) / 3600
+
+    def describe(self) -> str:
+        total = sum(s["bytes"] for s in self.shards)
+        lines = [
+            f"run {self.ref}: {len(self.shards)} output shards, {format_size(total)}; "
+            f"{len(self.done)} already on the run branch"
+            + (f", {len(self.busy)} being written by running jobs" if self.busy else "")
+        ]
+        for k, (part, plan) in enumerate(zip(self.parts, self.jobs, strict=True), start=1):
+            lines.append(f"  job {k}/{len(self.parts)}: shards {_numbers(part)}; {plan.describe()}")
+        if self.jobs:
+            wall = max(plan.estimate_s for plan in self.jobs)
+            cost = (
+                f"about ${self.job_hours * self.usd_per_hour:,.2f} at ${self.usd_per_hour:g}/hour for {self.flavor} "
+                "(the Hub's hardware list)"
+                if self.usd_per_hour is not None
+                else f"the price of {self.flavor} is not in the Hub's hardware list"
+            )
+            lines.append(
+                f"  in all: about {format_duration(wall)} wall, {self.job_hours:.2f} job-hours, {cost}"
+            )
+        return "\n".join(lines)
+
+
+def _numbers(numbers: list[int]) -> str:
+    from .split_run import format_shard_numbers
+
+    return format_shard_numbers(numbers)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag), None)
+
+
+def pin_inputs(argv: list[str], commits: dict[str, str]) -> list[str]:
+    """The command with each Hub input as `hf://org/name@COMMIT`: every job reads what was planned."""
+    from .hub import split_revision
+
+    pinned = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg in JOB_MODEL_FLAGS:
+            repo = split_revision(argv[i + 1].removeprefix("hf://"))[0]
+            if repo in commits:
+                pinned[i + 1] = f"hf://{repo}@{commits[repo]}"
+    return pinned
+
+
+def flavor_price(api: Any, flavor: str) -> float | None:
+    """USD per hour of a flavour, from the Hub's list of Jobs hardware (None when it is not listed)."""
+    from .hub import with_rate_limits
+
+    try:
+        listed = with_rate_limits(api.list_jobs_hardware)
+    except Exception:  # the price is information: its absence must not stop a submission
+        return None
+    for hardware in listed:
+        if hardware.name == flavor:
+            per = {"second": 3600, "minute": 60, "hour": 1}.get(hardware.unit_label, 60)
+            return hardware.unit_cost_usd * per
+    return None
+
+
+def plan_split_run(
+    argv: list[str],
+    *,
+    shards: int,
+    token: str | None,
+    only_shards: tuple[int, ...] | None = None,
+    flavor: str | None = None,
+    timeout: str | int | None = None,
+    namespace: str | None = None,
+) -> SplitPlan:
+    """Plan a split run from the inputs' headers: what is on its branch already, and for the rest the
+    shards, estimate, timeout and cost of each of at most `shards` jobs."""
+    from . import cli
+    from .split_run import RunState, assign_shards, run_branch_name, run_state
+
+    check_job_command(argv)
+    if argv[0] not in ("compute", "apply", "merge"):
+        raise ResidualsError(
+            f"{argv[0]} cannot be split by output shard.",
+            "Split compute, apply or merge; run lora as one job.",
+        )
+    if shards < 1:
+        raise ResidualsError(f"--shards {shards}: a run needs at least one job.", "Give --shards 1 or more.")
+    if any(a in ("--run-branch", "--only-shards") for a in argv):
+        raise ResidualsError(
+            "jobs run --shards sets --run-branch and --only-shards itself.",
+            "Leave them out of the command; give --only-shards to jobs run to rerun some shards alone.",
+        )
+    api = _api(token)
+    summary = cli.plan_command(argv, token=token)
+    pinned = pin_inputs(argv, summary["inputs"])
+    branch = run_branch_name(pinned, summary["fingerprint"])
+    repo_id = _flag_value(argv, "--push-to")
+    from .hub import hub_errors, with_rate_limits
+
+    with hub_errors(repo_id, None):
+        exists = with_rate_limits(lambda: api.repo_exists(repo_id))
+        state = run_state(api, repo_id, branch) if exists else RunState(branch, {}, False, False)
+        running = [
+            job
+            for job in (
+                with_rate_limits(
+                    lambda: list(api.list_jobs(labels={RUN_LABEL: branch}, namespace=namespace, token=token))
+                )
+                if state.branch_exists
+                else []
+            )
+            if job.status.stage in ("SCHEDULING", "RUNNING")
+        ]
+    names = [s["file"] for s in summary["shards"]]
+    done = [i for i, name in enumerate(names, start=1) if name in state.recorded]
+    busy = sorted({n for job in running for n in _job_shards(job)} - set(done))
+    if only_shards is not None and max(only_shards, default=0) > len(names):
+        raise ResidualsError(
+            f"--only-shards goes up to {max(only_shards)}, and this result has {len(names)} shards.",
+            f"Give shard numbers from 1 to {len(names)}.",
+        )
+    todo = [
+        i
+        for i in range(1, len(names) + 1)
+        if i not in done and i not in busy and (only_shards is None or i in only_shards)
+    ]
+    parts = [part for part in assign_shards(todo, min(shards, len(todo))) if part] if todo else []
+    total_out = sum(s["bytes"] for s in summary["shards"]) or 1
+    plans = []
+    for part in parts:
+        written = sum(summary["shards"][i - 1]["bytes"] for i in part)
+        read = int(summary["read_bytes"] * written / total_out)
+        estimate = JOB_START_S + (read + written) / JOB_LINK_BYTES_PER_S
+        if timeout is not None:
+            seconds, given = parse_timeout(timeout), True
+        else:
+            seconds, given = int(min(MAX_TIMEOUT_S, TIMEOUT_FACTOR * estimate + TIMEOUT_MARGIN_S)), False
+        plans.append(JobPlan(read, written, estimate, seconds, given))
+    flavor = flavor or "cpu-basic"
+    return SplitPlan(
+        repo_id, branch, pinned, summary["shards"], done, busy, parts, plans, flavor,
+        flavor_price(api, flavor), state.published,
+    )  # fmt: skip
+
+
+def _job_shards(job: Any) -> list[int]:
+    """The shard numbers a job of a run writes, from its command line."""
+    from .split_run import parse_shard_numbers
+
+    command = list(job.command or []) + list(getattr(job, "arguments", None) or [])
+    value = _flag_value(command, "--only-shards")
+    try:
+        return list(parse_shard_numbers(value)) if value else []
+    except ResidualsError:
+        return []
+
+
+def submit_split_run(
+    plan: SplitPlan,
+    *,
+    token: str | None,
+    image: str,
+    namespace: str | None = None,
+    token_expires_at: float | None = None,
+) -> list[SubmittedJob]:
+    """Make the repo and the run branch, then submit one Job per part of the plan."""
+    from .hub import hub_errors, with_rate_limits, writable_repo_id
+    from .split_run import format_shard_numbers
+
+    api = _api(token)
+    if plan.jobs and token_expires_at is not None:
+        longest = max(p.estimate_s for p in plan.jobs)
+        if time.time() + longest > token_expires_at:
+            raise ResidualsError(
+                f"This run takes about {format_duration(longest)}, longer than your login lasts: the jobs would "
+                "lose the right to push their shards.",
+                "Log out and in again (a fresh login lasts 8 hours), then submit it; or use more jobs.",
+            )
+    with hub_errors(plan.repo_id, None):
+        repo_id = writable_repo_id(api, plan.repo_id)
+        with_rate_limits(lambda: api.create_repo(repo_id, private="--private" in plan.argv, exist_ok=True))
+        with_rate_limits(lambda: api.create_branch(repo_id, branch=plan.branch, exist_ok=True))
+    submitted = []
+    for k, (part, job_plan) in enumerate(zip(plan.parts, plan.jobs, strict=True), start=1):
+        argv = [*plan.argv, "--run-branch", plan.branch, "--only-shards", format_shard_numbers(part)]
+        labels = {**JOB_LABELS, RUN_LABEL: plan.branch, "residuals-part": f"{k}-of-{len(plan.parts)}"}
+        with hub_errors(namespace or "your account", None):
+            info = api.run_job(
+                image=image,
+                command=["python", "-m", "residuals_core", *argv],
+                secrets={"HF_TOKEN": token},
+                flavor=plan.flavor,
+                timeout=job_plan.timeout_s,
+                labels=labels,
+                namespace=namespace,
+            )
+        submitted.append(SubmittedJob(info.id, info.url, job_plan))
+    return submitted
+
+
+def parse_run_ref(text: str) -> tuple[str, str] | None:
+    """(repo id, branch) from 'OWNER/NAME@residuals-run-…' as `jobs run --shards` prints it; else None."""
+    from .split_run import BRANCH_PREFIX
+
+    repo, at, branch = text.strip().partition("@")
+    return (repo, branch) if at and branch.startswith(BRANCH_PREFIX) and "/" in repo else None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    repo_id: str
+    branch: str
+    jobs: list[Any]  # JobInfo of every job of the run
+    shards_there: int
+    shards_total: int | None
+    published: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.published or all(j.status.stage in FINAL_STAGES for j in self.jobs)
+
+    def describe(self) -> str:
+        stages: dict[str, int] = {}
+        for job in self.jobs:
+            stages[job.status.stage] = stages.get(job.status.stage, 0) + 1
+        jobs_text = ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())) or "no jobs"
+        there = f"{self.shards_there} of {self.shards_total}" if self.shards_total else str(self.shards_there)
+        state = "published to main" if self.published else f"{there} shards on the run branch"
+        return f"run {self.repo_id}@{self.branch}: {state}; jobs: {jobs_text}"
+
+
+FINAL_STAGES = ("COMPLETED", "ERROR", "CANCELED", "DELETED")
+
+
+def split_run_status(ref: str, *, token: str | None, namespace: str | None = None) -> RunStatus:
+    """Every job of a split run with its stage, and how many shards its branch holds."""
+    from .hub import hub_errors, with_rate_limits
+    from .split_run import run_state
+
+    repo_id, branch = parse_run_ref(ref)
+    api = _api(token)
+    with hub_errors(repo_id, None):
+        listed = with_rate_limits(
+            lambda: list(api.list_jobs(labels={RUN_LABEL: branch}, namespace=namespace, token=token))
+        )
+        state = run_state(api, repo_id, branch)
+    total = None
+    if state.recorded:  # a record names the result's shard count
+        total = _record_total(api, repo_id, branch, next(iter(state.recorded.values())), token)
+    return RunStatus(repo_id, branch, listed, len(state.recorded), total, state.published)
+
+
+def _record_total(api: Any, repo_id: str, branch: str, path: str, token: str | None) -> int | None:
+    import json
+    import tempfile
+
+    from huggingface_hub import hf_hub_download
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            got = hf_hub_download(repo_id, path, revision=branch, token=token, local_dir=folder)
+            return int(json.loads(Path(got).read_text()).get("of"))
+        except Exception:
+            return None
+
+
+def cancel_split_run(ref: str, *, token: str | None, namespace: str | None = None) -> list[str]:
+    """Cancel every job of a split run still scheduled or running; the ids cancelled."""
+    status = split_run_status(ref, token=token, namespace=namespace)
+    cancelled = []
+    for job in status.jobs:
+        if job.status.stage in ("SCHEDULING", "RUNNING"):
+            cancel_job(job.id, token=token, namespace=namespace or (job.owner.name if job.owner else None))
+            cancelled.append(job.id)
+    return cancelled

@@ -19,7 +19,13 @@ It behaves like the real Hub where a kind fake would hide bugs (DESIGN.md 3b):
 - tokens carry scopes (OAuth: `read-repos`, `write-repos`, `manage-repos`, `gated-repos`, `jobs`);
 - faults on request: 429 with `RateLimit` headers, a commit that lands and then answers 504, a
   private-storage quota 403, `validate-yaml` rejecting a `base_model` the Hub does not hold, and
-  Jobs that are stopped at their timeout (30 minutes unless the spec says otherwise).
+  Jobs that are stopped at their timeout (30 minutes unless the spec says otherwise);
+- a commit whose `parentCommit` is no longer its branch's head is refused (412), as two writers racing
+  for one branch are; Jobs are listed by label and stage, and `jobs/hardware` lists flavours with prices.
+
+Each job's requests carry `origin/job-<id>` in their User-Agent (logged as `agent`), and `on_commit`
+(repo, revision, paths, agent) is called after each commit lands: tests tell the jobs of one run
+apart and can kill one at a chosen point.
 
 Standalone (for the benchmark): `python tests/hub_server.py ROOT --port P --token hf_x:alice`.
 """
@@ -123,6 +129,39 @@ class RepoTable(dict):
         return super().get(key.lower(), default)
 
 
+def _flavour(name: str, pretty: str, cpu: str, ram: str, usd_per_hour: float, gpu: str | None = None) -> dict:
+    per_minute = usd_per_hour / 60
+    return {
+        "name": name,
+        "prettyName": pretty,
+        "cpu": cpu,
+        "ram": ram,
+        "ephemeralStorage": "50 GB",
+        "accelerator": {
+            "type": "gpu",
+            "model": gpu,
+            "quantity": "1",
+            "vram": "24 GB",
+            "manufacturer": "Nvidia",
+        }
+        if gpu
+        else None,
+        "unitCostMicroUSD": round(per_minute * 1e6),
+        "unitCostUSD": per_minute,
+        "unitLabel": "minute",
+    }
+
+
+# GET /api/jobs/hardware, in the Hub's shape (prices per minute as the Hub lists them for Jobs)
+JOB_HARDWARE = [
+    _flavour("cpu-basic", "CPU Basic", "2 vCPU", "16 GB", 0.01),
+    _flavour("cpu-upgrade", "CPU Upgrade", "8 vCPU", "32 GB", 0.03),
+    _flavour("t4-small", "Nvidia T4 - small", "4 vCPU", "15 GB", 0.40, "T4"),
+    _flavour("a10g-small", "Nvidia A10G - small", "4 vCPU", "15 GB", 1.00, "A10G"),
+    _flavour("a10g-large", "Nvidia A10G - large", "12 vCPU", "46 GB", 1.50, "A10G"),
+]
+
+
 @dataclass
 class Job:
     """A submitted Job, run as a local subprocess (its image stands for this machine's environment)."""
@@ -174,6 +213,7 @@ def _log_request(hub: LocalHub, handler: BaseHTTPRequestHandler, path: str) -> d
         "path": path,
         "range": handler.headers.get("Range"),
         "bytes": 0,
+        "agent": handler.headers.get("User-Agent") or "",
         # which token a request carried: tests check whose credentials reach the Hub
         "token": (handler.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or None,
     }
@@ -183,6 +223,21 @@ def _log_request(hub: LocalHub, handler: BaseHTTPRequestHandler, path: str) -> d
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def _download_from_cas(cas: Path, xet_hash: str, size: int, target: Path) -> None:
+    import hf_xet
+
+    with hf_xet.XetSession().new_file_download_group(
+        endpoint=f"local://{cas}",
+        token="local",
+        token_expiry_unix_secs=int(time.time()) + 3600,
+        token_refresh_url=None,
+        token_refresh_headers=None,
+        custom_headers={},
+        progress_callback=None,
+    ) as group:
+        group.start_download_file(hf_xet.XetFileInfo(xet_hash, size), str(target))
 
 
 def _xet_hex(raw: bytes) -> str:
@@ -229,7 +284,8 @@ class LocalHub:
         self.commit_faults: list[str] = []
         self.rate_limits: dict[str, list] = {}  # "api" / "resolvers" -> [requests still refused, reset s]
         self.cas_dir = self.root / "cas"  # the local Xet CAS that xet-write-token hands out
-        self.xet_files: dict[str, tuple[str, int]] = {}  # sha256 -> (xet file hash, size), from CAS shards
+        # sha256 -> (xet file hash, size, CAS folder), from CAS shards
+        self.xet_files: dict[str, tuple[str, int, Path]] = {}
         self.job_time_scale = 1.0  # a job's timeout in seconds is this many seconds here
         self.job_stage_lag_s = 0.0  # how long after its log ends a job's stage still says RUNNING
         self.job_cwd: Path | None = None  # where a job runs: the working folder of its image
@@ -240,6 +296,7 @@ class LocalHub:
         self.announced: set[tuple[str, str]] = set()  # (repo, oid) a batch answer asked the client to PUT
         self._served_ranges = 0
         self.jobs: dict[str, Job] = {}
+        self.on_commit = None  # called as on_commit(repo_id, revision, paths, agent) after a commit lands
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
@@ -275,25 +332,23 @@ class LocalHub:
     def _from_cas(self, sha256: str) -> bool:
         """Rebuild a file that a Xet upload put in the CAS (found by sha256 in its shards) as a blob."""
         if sha256 not in self.xet_files:
-            for shard in (self.cas_dir / "xet" / "xorbs" / "shards").glob("*.mdb"):
-                self.xet_files.update(_shard_files(shard.read_bytes()))
+            for cas in self.cas_dirs():
+                for shard in (cas / "xet" / "xorbs" / "shards").glob("*.mdb"):
+                    for sha, (xet_hash, size) in _shard_files(shard.read_bytes()).items():
+                        self.xet_files[sha] = (xet_hash, size, cas)
         if sha256 not in self.xet_files:
             return False
         if not (self.root / "blobs" / sha256).exists():
-            import hf_xet
-
-            xet_hash, size = self.xet_files[sha256]
+            xet_hash, size, cas = self.xet_files[sha256]
             target = self.root / "blobs" / f".xet-{sha256}"
-            with hf_xet.XetSession().new_file_download_group(
-                endpoint=f"local://{self.cas_dir}",
-                token="local",
-                token_expiry_unix_secs=int(time.time()) + 3600,
-                token_refresh_url=None,
-                token_refresh_headers=None,
-                custom_headers={},
-                progress_callback=None,
-            ) as group:
-                group.start_download_file(hf_xet.XetFileInfo(xet_hash, size), str(target))
+            for attempt in range(50):  # the uploading process may hold the local CAS's database a moment
+                try:
+                    _download_from_cas(cas, xet_hash, size, target)
+                    break
+                except RuntimeError as exc:
+                    if "lock" not in str(exc).lower() or attempt == 49:
+                        raise
+                    time.sleep(0.1)
             digest = hashlib.sha256()
             with open(target, "rb") as f:
                 while data := f.read(IO_CHUNK * 16):
@@ -308,8 +363,21 @@ class LocalHub:
 
     def cas_bytes(self) -> int:
         """Bytes the Xet uploads stored in the CAS (xorbs): a rerun that sends nothing again adds none."""
-        folder = self.cas_dir / "xet" / "xorbs" / "xorbs"
-        return sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.exists() else 0
+        return sum(
+            p.stat().st_size
+            for cas in self.cas_dirs()
+            for p in (cas / "xet" / "xorbs" / "xorbs").glob("*")
+            if p.is_file()
+        )
+
+    def cas_dirs(self) -> list[Path]:
+        """The local CAS folders: the default one, and one per Job process (a local CAS is one process's:
+        its database takes a lock; the real Xet service is shared by all)."""
+        return [self.cas_dir, *sorted(self.root.glob("cas-job-*"))]
+
+    def cas_for(self, agent: str) -> Path:
+        job = agent.split("origin/job-")[-1].split(";")[0].strip() if "origin/job-" in agent else None
+        return self.root / f"cas-job-{job}" if job else self.cas_dir
 
     def requests(self, method: str | None = None, contains: str = "") -> list[dict]:
         return [r for r in self.log if (method is None or r["method"] == method) and contains in r["path"]]
@@ -527,6 +595,8 @@ class LocalHub:
                     with hub.lock:
                         found = self._resolve_lookup(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
                     return None if found is None else self._serve_or_redirect(*found)
+                if parts == ["api", "jobs", "hardware"]:
+                    return self._send(200, JOB_HARDWARE)
                 if parts[:2] == ["api", "jobs"] and len(parts) >= 3:
                     return self._jobs(parts[2], parts[3:])
                 with hub.lock:
@@ -589,6 +659,18 @@ class LocalHub:
                     return None
                 if not rest and self.command == "POST":
                     return self._send(200, self._start_job(namespace, json.loads(self.body or b"{}")).info())
+                if not rest and self.command == "GET":  # listed, filtered by label=k=v and stage
+                    query = parse_qs(urlparse(self.path).query)
+                    labels = dict(item.split("=", 1) for item in query.get("label", []))
+                    stages = set(query.get("stage", []))
+                    listed = [
+                        job.info()
+                        for job in hub.jobs.values()
+                        if job.namespace == namespace
+                        and all((job.spec.get("labels") or {}).get(k) == v for k, v in labels.items())
+                        and (not stages or job.stage in stages)
+                    ]
+                    return self._send(200, listed)
                 job = hub.jobs.get(rest[0]) if rest else None
                 if job is None or job.namespace != namespace:
                     return self._error(404, "Job not found")
@@ -613,6 +695,7 @@ class LocalHub:
                     **spec.get("environment", {}),
                     **spec.get("secrets", {}),
                     "HF_ENDPOINT": hub.url,
+                    "HF_HUB_USER_AGENT_ORIGIN": f"job-{job.id}",  # tells the jobs' requests apart in the log
                 }
                 job.proc = subprocess.Popen(
                     command,
@@ -898,6 +981,7 @@ class LocalHub:
                         500, "Internal Error - We're working hard to fix this as soon as possible!"
                     )
                 files = dict(repo.history(revision)[-1][1])
+                head = repo.history(revision)[-1][0]
                 summary = ""
                 for line in body.decode().splitlines():
                     if not line.strip():
@@ -905,6 +989,10 @@ class LocalHub:
                     item = json.loads(line)
                     value = item["value"]
                     if item["key"] == "header":
+                        if value.get("parentCommit") not in (None, head):
+                            return self._error(
+                                412, "A commit has happened since. Please refresh and try again."
+                            )
                         summary = value.get("summary", "")
                         if value.get("description"):
                             summary += "\n\n" + value["description"]
@@ -923,6 +1011,15 @@ class LocalHub:
                     else:
                         return self._error(400, f"unsupported commit operation {item['key']} in the test hub")
                 sha = hub._commit(repo, files, summary, branch=revision)
+                if hub.on_commit is not None:
+                    changed = [
+                        json.loads(line)["value"].get("path")
+                        for line in body.decode().splitlines()
+                        if line.strip()
+                    ]
+                    hub.on_commit(
+                        repo_id, revision, [p for p in changed if p], self.headers.get("User-Agent") or ""
+                    )
                 if fault == "landed-then-504":  # the commit is made; the answer never arrives in time
                     return self._error(504, "Gateway Timeout")
                 self._send(
@@ -961,9 +1058,10 @@ class LocalHub:
                 """A short-lived Xet write token for a local CAS folder (hf_xet's local:// endpoint)."""
                 if self._writable(repo_id) is None:
                     return None
-                hub.cas_dir.mkdir(exist_ok=True)
+                cas = hub.cas_for(self.headers.get("User-Agent") or "")
+                cas.mkdir(exist_ok=True)
                 expires = int(time.time()) + 3600
-                info = {"casUrl": f"local://{hub.cas_dir}", "accessToken": "xet-local-token", "exp": expires}
+                info = {"casUrl": f"local://{cas}", "accessToken": "xet-local-token", "exp": expires}
                 headers = {
                     "X-Xet-Cas-Url": info["casUrl"],
                     "X-Xet-Access-Token": info["accessToken"],

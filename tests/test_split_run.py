@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 from huggingface_hub import HfApi
 
 from residuals_core.cli import main
@@ -68,3 +70,113 @@ def test_shares_written_in_any_order_publish_one_commit_equal_to_a_one_job_merge
     assert f"residuals-run: {branch}" in commits[0].message
     assert [b.name for b in api.list_repo_refs("alice/split-many").branches] == ["main"]
     same_result(api, "alice/split-one", "alice/split-many", tmp_path)
+
+
+# ---- the same, as Jobs ----------------------------------------------------------------------------------
+IMAGE = "hf.co/spaces/alice/residuals-studio"
+
+
+def data_start(path: Path) -> int:
+    """Where a safetensors file's tensor data begins (8-byte length + header)."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def weight_reads(hub, repos: dict[str, str], fam) -> list[tuple[str, int, int, str]]:
+    """(input file, first byte, last byte, job) of every ranged read of tensor data (headers left out)."""
+    starts = {f"{repos[r]}/model.safetensors": data_start(Path(fam[r]) / "model.safetensors") for r in repos}
+    reads = []
+    for entry in hub.requests("GET", "/resolve/"):
+        parts = entry["path"].strip("/").split("/")
+        name = f"{parts[0]}/{parts[1]}/{parts[-1]}"
+        if name not in starts or not entry["range"]:
+            continue
+        first, last = (int(x) for x in entry["range"].removeprefix("bytes=").split("-"))
+        job = entry["agent"].split("origin/job-")[-1] if "origin/job-" in entry["agent"] else "client"
+        if first > 0 and last >= starts[name]:  # a read from byte 0 is the header's (each job reads it)
+            reads.append((name, max(first, starts[name]), last, job))
+    return reads
+
+
+@pytest.mark.slow
+def test_a_merge_split_over_four_jobs_survives_a_killed_job_and_commits_once(hub, families, tmp_path, capsys):
+    fam = families("llama", size={"hidden": 64, "layers": 4})
+    repos = upload_family(fam, "jobsplit")
+    argv = merge_argv(repos, "alice/jobsplit-merged")
+    argv = [a for a in argv if a not in ("--token", ALICE)]
+    api = HfApi(token=ALICE)
+    committed: list[tuple[str, str, str]] = []  # (revision, path, job) of every commit of the result
+
+    def on_commit(repo_id, revision, paths, agent):
+        if repo_id.lower() != "alice/jobsplit-merged":
+            return
+        job = agent.split("origin/job-")[-1] if "origin/job-" in agent else "client"
+        committed.extend((revision, p, job) for p in paths)
+        if "model-00002-of-00011.safetensors" in paths and revision != "main":
+            hub.jobs[job].proc.kill()  # job 2 dies right after its first shard is on the branch
+
+    hub.on_commit = on_commit
+    cas_before = hub.cas_bytes()
+    try:
+        capsys.readouterr()
+        code = main(["jobs", "run", "--shards", "4", "--follow", "--image", IMAGE, "--token", ALICE, *argv])
+        captured = capsys.readouterr()
+        out = captured.out
+        assert code == 1, captured  # one job failed: the run is not complete …
+        assert "11 output shards" in out and "job 2/4: shards 2,6,10" in out and "$" in out
+        assert "run the same `jobs run --shards` command again" in out
+        assert [c.title for c in api.list_repo_commits("alice/jobsplit-merged")] == [
+            "initial commit"
+        ]  # … main untouched
+        killed = {j for r, p, j in committed if p.endswith("model-00002-of-00011.safetensors")}
+        there = {int(p[6:11]) for r, p, j in committed if r != "main" and p.startswith("model-0")}
+        missing = sorted({2, 6, 10} - there)  # a commit the killed job had in flight may have landed
+        assert 2 in there and missing and len(there) == 11 - len(missing)
+        ref = re.search(r"run (\S+@residuals-run-\w+):", out).group(1)
+        assert main(["jobs", "status", ref, "--token", ALICE]) == 0
+        status = capsys.readouterr().out
+        assert f"{len(there)} of 11 shards on the run branch" in status and "3 COMPLETED, 1 ERROR" in status
+
+        # the failed job's shards alone, as one job; the others' are not written again
+        code = main(["jobs", "run", "--shards", "1", "--follow", "--image", IMAGE, "--token", ALICE, *argv])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert f"{len(there)} already on the run branch" in out
+        assert f"job 1/1: shards {','.join(map(str, missing))}" in out
+    finally:
+        hub.on_commit = None
+    commits = api.list_repo_commits("alice/jobsplit-merged")
+    assert [c.title for c in commits] == ["Upload with Residuals Studio", "initial commit"]  # one commit
+    assert [b.name for b in api.list_repo_refs("alice/jobsplit-merged").branches] == ["main"]
+
+    # no shard uploaded twice: each committed to the branch once, and the store grew by one copy of them
+    shard_commits = sorted(p for r, p, j in committed if r != "main" and p.startswith("model-0"))
+    assert shard_commits == [f"model-{i:05d}-of-00011.safetensors" for i in range(1, 12)]
+    shard_bytes = sum(f.size for f in api.model_info("alice/jobsplit-merged", files_metadata=True).siblings
+                      if f.rfilename.startswith("model-0"))  # fmt: skip
+    stored = hub.cas_bytes() - cas_before
+    assert stored <= shard_bytes * 1.02, (stored, shard_bytes)
+    # no tensor byte read by two jobs (but what the killed job read for a shard it never committed,
+    # which its rerun read again); the client that planned the run read headers only
+    by_job: dict[str, list] = {}
+    for name, first, last, job in weight_reads(hub, repos, fam):
+        by_job.setdefault(job, []).append((name, first, last))
+    assert "client" not in by_job
+    rerun = next(j for r, p, j in committed if p == f"model-{missing[0]:05d}-of-00011.safetensors")
+    readers = sorted(by_job)
+    assert len(readers) == 5  # four jobs and the rerun
+    for i, a in enumerate(readers):
+        for b in readers[i + 1 :]:
+            if {a, b} == {rerun, *killed}:
+                continue
+            for name, f1, l1 in by_job[a]:
+                for other, f2, l2 in by_job[b]:
+                    assert name != other or l1 < f2 or l2 < f1, (a, b, name, (f1, l1), (f2, l2))
+    print(
+        f"reads per job {[len(by_job[j]) for j in readers]}, stored {stored} B for {shard_bytes} B of shards"
+    )
+
+    # the same bytes as one job's merge
+    assert main(["merge", *argv[1:-5], "--push-to", "alice/jobsplit-one", "--max-shard-size", SHARD,
+                 "--token", ALICE, "--quiet"]) == 0  # fmt: skip
+    same_result(api, "alice/jobsplit-one", "alice/jobsplit-merged", tmp_path)
