@@ -152,10 +152,15 @@ def test_a_merge_split_over_four_jobs_survives_a_killed_job_and_commits_once(hub
     # no shard uploaded twice: each committed to the branch once, and the store grew by one copy of them
     shard_commits = sorted(p for r, p, j in committed if r != "main" and p.startswith("model-0"))
     assert shard_commits == [f"model-{i:05d}-of-00011.safetensors" for i in range(1, 12)]
-    shard_bytes = sum(f.size for f in api.model_info("alice/jobsplit-merged", files_metadata=True).siblings
-                      if f.rfilename.startswith("model-0"))  # fmt: skip
+    sizes = {
+        f.rfilename: f.size for f in api.model_info("alice/jobsplit-merged", files_metadata=True).siblings
+    }
+    shard_bytes = sum(size for name, size in sizes.items() if name.startswith("model-0"))
+    # the killed job may have sent part of a shard it never committed; the test Hub gives each job its own
+    # CAS, so its rerun cannot deduplicate against those bytes as the Hub's one Xet store does
+    in_flight = sum(sizes[f"model-{n:05d}-of-00011.safetensors"] for n in missing)
     stored = hub.cas_bytes() - cas_before
-    assert stored <= shard_bytes * 1.02, (stored, shard_bytes)
+    assert stored <= (shard_bytes + in_flight) * 1.02, (stored, shard_bytes, in_flight)
     # no tensor byte read by two jobs (but what the killed job read for a shard it never committed,
     # which its rerun read again); the client that planned the run read headers only
     by_job: dict[str, list] = {}
