@@ -3,6 +3,8 @@
     python bench/run.py                       # ~0.25B and ~1B Llama pairs, bf16, sharded
     python bench/run.py --sizes 0.05 --repeat 1
     python bench/run.py --hub --sizes 1.0 --link 200MB   # Hub ids in, --push-to out, over a limited link
+    python bench/run.py --hub --jobs 1 2 4 8 --sizes 0.25 --link 20MB --max-shard-size 32MB
+                                              # a merge split over N Jobs, each with a link of its own
 
 For each size it generates a synthetic family outside the repo (random seeded weights: base,
 instruct = base + noise, target = base + other noise), runs every tool as its own process while
@@ -226,20 +228,23 @@ class BenchHub:
 
     def __init__(self, root: Path):
         root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [PYTHON, str(ROOT / "tests" / "hub_server.py"), str(root), "--token", f"{HUB_TOKEN}:{HUB_USER}"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.url = self.proc.stdout.readline().strip()
         self.env = {
             **os.environ,
-            "HF_ENDPOINT": self.url,
             "HF_TOKEN": HUB_TOKEN,
             "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
+        self.proc = subprocess.Popen(  # its Jobs run here, in this checkout, with this environment
+            [PYTHON, str(ROOT / "tests" / "hub_server.py"), str(root), "--token", f"{HUB_TOKEN}:{HUB_USER}"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**self.env, "TMPDIR": str(root / "jobs-tmp"), "HF_HOME": str(root / "jobs-hf")},
+        )
+        (root / "jobs-tmp").mkdir(exist_ok=True)
+        self.url = self.proc.stdout.readline().strip()
+        self.env["HF_ENDPOINT"] = self.url
 
     def _call(self, path: str, payload: dict | None = None):
         import urllib.request
@@ -248,8 +253,8 @@ class BenchHub:
         with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data)) as response:
             return json.loads(response.read())
 
-    def set_link(self, bytes_per_s: float | None) -> None:
-        self._call("/_admin/link", {"bytes_per_s": bytes_per_s or 0})
+    def set_link(self, bytes_per_s: float | None, per_job: bool = False) -> None:
+        self._call("/_admin/link", {"bytes_per_s": bytes_per_s or 0, "per_job": per_job})
 
     def log(self) -> list[dict]:
         return self._call("/_admin/log")
@@ -392,6 +397,99 @@ def bench_hub(
     }
 
 
+def bench_jobs(size: float, folder: Path, counts: list[int], link: float, max_shard_size: str) -> dict:
+    """One merge split over N Jobs (the test Hub runs each as a process here), each job on a link of
+    its own: wall from `jobs run --shards N --follow` to the published commit, against the busiest
+    job's link floor (max(bytes down, bytes up) ÷ link)."""
+    params = None if (folder / "target" / "config.json").exists() else make_family(folder, size)
+    hub = BenchHub(folder / "hub-jobs")
+    try:
+        repos = {role: f"{HUB_USER}/{role}" for role in ("base", "instruct", "target")}
+        seed = [PYTHON, "-c", SEED_HUB]
+        for role, repo in repos.items():
+            seed += [str(folder / role), repo]
+        subprocess.run(seed, check=True, env=hub.env, capture_output=True)
+        hub.set_link(link, per_job=True)
+        results = {}
+        for count in counts:
+            before = len(hub.log())
+            command = [PYTHON, "-m", "residuals_core", "jobs", "run", "--shards", str(count), "--follow",
+                       "--image", f"hf.co/spaces/{HUB_USER}/residuals-studio", "merge",
+                       "--base", repos["base"], "--instruct", repos["instruct"], "--target", repos["target"],
+                       "--push-to", f"{HUB_USER}/split-{count}", "--max-shard-size", max_shard_size, "--quiet"]  # fmt: skip
+            run = measure(command, hub.env)
+            per_job: dict[str, dict[str, int]] = {}
+            for entry in hub.log()[before:]:
+                agent = entry.get("agent", "")
+                if "origin/job-" not in agent:
+                    continue
+                job = per_job.setdefault(agent.split("origin/job-")[-1], {"down": 0, "up": 0})
+                if entry["method"] == "GET" and (
+                    "/resolve/" in entry["path"] or entry["path"].startswith("cdn:")
+                ):
+                    job["down"] += entry["bytes"]
+                elif entry["method"] == "PUT":
+                    job["up"] += entry["bytes"]
+            floor = max(max(j["down"], j["up"]) for j in per_job.values()) / link
+            results[str(count)] = {
+                "wall_s": run["wall_s"],
+                "jobs": len(per_job),
+                "busiest_job_floor_s": floor,
+                "bytes_down": sum(j["down"] for j in per_job.values()),
+                "bytes_up": sum(j["up"] for j in per_job.values()),
+            }
+            print(f"  {size}B split over {count} job(s): {results[str(count)]}", flush=True)
+        hub.set_link(None)
+        pulled = folder / "pulled-jobs"
+        shutil.rmtree(pulled, ignore_errors=True)
+        fetch = [PYTHON, "-c", DOWNLOAD]
+        for count in counts:
+            fetch += [f"{HUB_USER}/split-{count}", str(pulled / str(count))]
+        subprocess.run(fetch, check=True, env=hub.env, capture_output=True)
+        checks = {
+            f"{count} jobs == {counts[0]} job(s)": max_difference(
+                pulled / str(counts[0]), pulled / str(count)
+            )
+            for count in counts[1:]
+        }
+        shutil.rmtree(pulled, ignore_errors=True)
+    finally:
+        hub.close()
+    return {
+        "parameters": params,
+        "jobs_link_bytes_per_s": link,
+        "max_shard_size": max_shard_size,
+        "runs": results,
+        "checks": checks,
+    }
+
+
+def jobs_markdown(size: str, data: dict) -> list[str]:
+    link = data["jobs_link_bytes_per_s"]
+    runs = data["runs"]
+    one = runs[min(runs, key=int)]
+    lines = [
+        f"### Split over N Jobs, ~{size}B parameters, each job's link {link / 1e6:.0f} MB/s each way, "
+        f"--max-shard-size {data['max_shard_size']}",
+        "",
+        "| jobs | wall (s) | busiest job's link floor (s) | × floor | wall − floor (s) | speed-up vs 1 job | GB down / up (all jobs) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for count, run in runs.items():
+        lines.append(
+            f"| {count} | {run['wall_s']:.1f} | {run['busiest_job_floor_s']:.1f} | "
+            f"{run['wall_s'] / run['busiest_job_floor_s']:.2f} | {run['wall_s'] - run['busiest_job_floor_s']:.1f} | "
+            f"{one['wall_s'] / run['wall_s']:.2f} | {run['bytes_down'] / 1e9:.2f} / {run['bytes_up'] / 1e9:.2f} |"
+        )
+    lines += ["", "- wall: from `jobs run --shards N --follow` to the published commit (planning, every job's "
+              "start, the shards, the final commit); the floor is the busiest job's bytes over its own link"]  # fmt: skip
+    lines += [
+        f"- check {k}: {v['elements_off']} elements differ (max |Δ| {v['max_abs_diff']:.3g})"
+        for k, v in data["checks"].items()
+    ]
+    return [*lines, ""]
+
+
 def hub_markdown(size: str, data: dict) -> list[str]:
     m = data["medians"]
     link = data["link_bytes_per_s"]
@@ -443,6 +541,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--link", default="200MB", help="Hub mode: link bandwidth each way, per second")
     parser.add_argument("--max-shard-size", default="500MB", help="Hub mode: output shard size")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Hub mode: split the merge over each of these numbers of Jobs (each with a link of its own)",
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         report = json.loads((RESULTS / "results.json").read_text())
@@ -453,7 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     upstream = (
         venv("residuals", ["residuals==0.3.2"]) if "residuals" not in args.skip and not args.hub else None
     )
-    mergekit = venv("mergekit", ["mergekit==0.1.5"]) if "mergekit" not in args.skip else None
+    mergekit = (
+        venv("mergekit", ["mergekit==0.1.5"]) if "mergekit" not in args.skip and not args.jobs else None
+    )
     mergekit_cli = str(Path(mergekit).parent / "mergekit-yaml") if mergekit else None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="residuals-bench-"))
     report = {
@@ -465,7 +572,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     name = "results"
     for size in args.sizes:
-        if args.hub:
+        if args.hub and args.jobs:
+            from residuals_core.units import parse_size
+
+            name = "jobs-results"
+            report["sizes"][str(size)] = bench_jobs(
+                size, work / f"family-{size}", args.jobs, parse_size(args.link), args.max_shard_size
+            )
+        elif args.hub:
             from residuals_core.units import parse_size
 
             name = "hub-results"
@@ -546,6 +660,9 @@ def bench_size(
 def to_markdown(report: dict) -> str:
     lines = [f"Benchmark of {report['date']} on {report['machine']}: `{report['command']}`", ""]
     for size, data in report["sizes"].items():
+        if "jobs_link_bytes_per_s" in data:
+            lines += jobs_markdown(size, data)
+            continue
         if "link_bytes_per_s" in data:
             lines += hub_markdown(size, data)
             continue

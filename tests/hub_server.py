@@ -292,6 +292,8 @@ class LocalHub:
         self.flaky_every = 0  # cut every n-th ranged read of a weight file half-way (0: never)
         self.corrupt: dict[str, int] = {}  # "repo/path" -> offset of a byte flipped when served
         self.link = Link()
+        self.link_per_job = False  # True: each job gets a line of its own at link.bytes_per_s (its machine's)
+        self._job_links: dict[str, Link] = {}
         self.lfs_blobs: set[str] = set()  # blobs stored through LFS (shown with LFS metadata)
         self.announced: set[tuple[str, str]] = set()  # (repo, oid) a batch answer asked the client to PUT
         self._served_ranges = 0
@@ -394,8 +396,19 @@ class LocalHub:
             path.write_bytes(data)
         return digest
 
-    def _blob_from_stream(self, read, length: int) -> str:
+    def link_for(self, agent: str) -> Link:
+        """The line a request travels: the shared one, or with `link_per_job` the requesting job's own."""
+        if self.link_per_job and "origin/job-" in agent:
+            job = agent.split("origin/job-")[-1].split(";")[0].strip()
+            with self.lock:
+                if job not in self._job_links:
+                    self._job_links[job] = Link(self.link.bytes_per_s)
+                return self._job_links[job]
+        return self.link
+
+    def _blob_from_stream(self, read, length: int, link: Link | None = None) -> str:
         """Store `length` bytes read in chunks from `read` (passed through the link); their sha256."""
+        link = link or self.link
         digest = hashlib.sha256()
         with tempfile.NamedTemporaryFile(dir=self.root / "blobs", delete=False) as tmp:
             left = length
@@ -403,7 +416,7 @@ class LocalHub:
                 data = read(min(IO_CHUNK, left))
                 if not data:
                     break
-                self.link.pass_bytes("up", len(data))
+                link.pass_bytes("up", len(data))
                 digest.update(data)
                 tmp.write(data)
                 left -= len(data)
@@ -601,9 +614,10 @@ class LocalHub:
                     return self._jobs(parts[2], parts[3:])
                 with hub.lock:
                     if path == "/_admin/link" and self.command == "POST":
-                        hub.link.bytes_per_s = (
-                            float(json.loads(self.body or b"{}").get("bytes_per_s") or 0) or None
-                        )
+                        settings = json.loads(self.body or b"{}")
+                        hub.link.bytes_per_s = float(settings.get("bytes_per_s") or 0) or None
+                        hub.link_per_job = bool(settings.get("per_job"))
+                        hub._job_links.clear()
                         return self._send(200, {"bytes_per_s": hub.link.bytes_per_s})
                     if path == "/_admin/log":
                         return self._send(200, hub.log[:-1])
@@ -830,6 +844,11 @@ class LocalHub:
                     if obj["oid"] not in repo.lfs:  # stored objects come back with no "actions" at all
                         hub.announced.add((repo_id, obj["oid"]))  # the upload URL works like a presigned one
                         href = f"{hub.url}/lfs-upload/{repo_id}/{obj['oid']}"
+                        agent = self.headers.get("User-Agent") or ""
+                        if (
+                            "origin/job-" in agent
+                        ):  # a presigned URL carries no headers of the job's: say whose
+                            href += "?job=" + agent.split("origin/job-")[-1].split(";")[0].strip()
                         answer["actions"] = {"upload": {"href": href}}
                     objects.append(answer)
                 self._send(200, {"transfer": "basic", "objects": objects})
@@ -841,7 +860,10 @@ class LocalHub:
                 if repo is None:
                     self.rfile.read(length)
                     return self._error(403, "upload not announced by a batch request")
-                digest = hub._blob_from_stream(self.rfile.read, length)
+                job = parse_qs(urlparse(self.path).query).get("job", [""])[0]
+                agent = f"origin/job-{job}" if job else self.headers.get("User-Agent") or ""
+                self.entry["agent"] = agent
+                digest = hub._blob_from_stream(self.rfile.read, length, hub.link_for(agent))
                 self.entry["bytes"] = length
                 if digest != oid:
                     return self._error(400, f"uploaded bytes have sha256 {digest}, not {oid}")
@@ -1219,6 +1241,7 @@ def _serve_file(self, hub: LocalHub, repo_id: str, sha: str, filename: str, blob
     if self.command == "HEAD":
         return
     sent = 0
+    link = hub.link_for(self.headers.get("User-Agent") or "")
     with open(path, "rb") as f:
         f.seek(start)
         while sent < length:
@@ -1227,7 +1250,7 @@ def _serve_file(self, hub: LocalHub, repo_id: str, sha: str, filename: str, blob
                 data[flip - start - sent] ^= 0xFF
             if cut_at is not None and sent + len(data) > cut_at:
                 data = data[: cut_at - sent]
-            hub.link.pass_bytes("down", len(data))
+            link.pass_bytes("down", len(data))
             try:
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
