@@ -60,8 +60,8 @@ def parse_shard_numbers(text: str) -> tuple[int, ...]:
     numbers: list[int] = []
     try:
         for part in text.split(","):
-            low, _, high = part.strip().partition("-")
-            numbers.extend(range(int(low), int(high or low) + 1))
+            low, dash, high = part.strip().partition("-")
+            numbers.extend(range(int(low), int(high if dash else low) + 1))
     except ValueError:
         numbers = []
     if not numbers or min(numbers) < 1:

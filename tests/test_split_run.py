@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
+from waits import wait_for
 
 from residuals_core.cli import main
 
@@ -185,3 +186,43 @@ def test_a_merge_split_over_four_jobs_survives_a_killed_job_and_commits_once(hub
     assert main(["merge", *argv[1:-5], "--push-to", "alice/jobsplit-one", "--max-shard-size", SHARD,
                  "--token", ALICE, "--quiet"]) == 0  # fmt: skip
     same_result(api, "alice/jobsplit-one", "alice/jobsplit-merged", tmp_path)
+
+
+@pytest.mark.slow
+def test_cancel_stops_every_job_of_a_run_and_leaves_main_untouched(hub, families, capsys):
+    fam = families("llama", size={"hidden": 64, "layers": 4})
+    repos = upload_family(fam, "cancelsplit")
+    argv = [a for a in merge_argv(repos, "alice/cancelsplit-merged") if a not in ("--token", ALICE)]
+    hub.link.bytes_per_s = 100_000  # a slow line: the jobs are still streaming when the run is cancelled
+    try:
+        capsys.readouterr()
+        assert main(["jobs", "run", "--shards", "3", "--image", IMAGE, "--token", ALICE, *argv]) == 0
+        ref = re.search(r"run (\S+@residuals-run-\w+):", capsys.readouterr().out).group(1)
+        branch = ref.split("@")[1]
+        run_jobs = [
+            j for j in hub.jobs.values() if (j.spec.get("labels") or {}).get("residuals-run") == branch
+        ]
+        assert len(run_jobs) == 3
+        assert main(["jobs", "cancel", ref, "--token", ALICE]) == 0
+        assert "cancel requested for 3 job(s)" in capsys.readouterr().out
+        wait_for(
+            lambda: all(j.stage == "CANCELED" for j in run_jobs), what="every job of the run is cancelled"
+        )
+    finally:
+        hub.link.bytes_per_s = None
+    assert [c.title for c in HfApi(token=ALICE).list_repo_commits("alice/cancelsplit-merged")] == [
+        "initial commit"
+    ]
+
+
+def test_shard_numbers_and_their_jobs():
+    from residuals_core.errors import ResidualsError
+    from residuals_core.split_run import assign_shards, parse_shard_numbers
+
+    assert parse_shard_numbers("3") == (3,) and parse_shard_numbers("7,2-4,3") == (2, 3, 4, 7)
+    assert parse_shard_numbers("none") == ()
+    for bad in ("0", "x", "2-", ""):
+        with pytest.raises(ResidualsError, match="not a list of shard numbers"):
+            parse_shard_numbers(bad)
+    assert assign_shards(list(range(1, 12)), 4) == [[1, 5, 9], [2, 6, 10], [3, 7, 11], [4, 8]]
+    assert assign_shards([6, 10], 1) == [[6, 10]]
