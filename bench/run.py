@@ -253,6 +253,15 @@ class BenchHub:
         with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data)) as response:
             return json.loads(response.read())
 
+    def seed(self, folder: Path) -> dict[str, str]:
+        """Upload the family in `folder` (base, instruct, target); their repo ids by role."""
+        repos = {role: f"{HUB_USER}/{role}" for role in ("base", "instruct", "target")}
+        command = [PYTHON, "-c", SEED_HUB]
+        for role, repo in repos.items():
+            command += [str(folder / role), repo]
+        subprocess.run(command, check=True, env=self.env, capture_output=True)
+        return repos
+
     def set_link(self, bytes_per_s: float | None, per_job: bool = False) -> None:
         self._call("/_admin/link", {"bytes_per_s": bytes_per_s or 0, "per_job": per_job})
 
@@ -277,11 +286,7 @@ def bench_hub(
     params = None if (folder / "target" / "config.json").exists() else make_family(folder, size)
     hub = BenchHub(folder / "hub")
     try:
-        repos = {role: f"{HUB_USER}/{role}" for role in ("base", "instruct", "target")}
-        seed = [PYTHON, "-c", SEED_HUB]
-        for role, repo in repos.items():
-            seed += [str(folder / role), repo]
-        subprocess.run(seed, check=True, env=hub.env, capture_output=True)
+        repos = hub.seed(folder)
         hub.set_link(link)
         runs: dict[str, list[dict]] = {}
         traffic: dict[str, dict] = {}
@@ -404,11 +409,7 @@ def bench_jobs(size: float, folder: Path, counts: list[int], link: float, max_sh
     params = None if (folder / "target" / "config.json").exists() else make_family(folder, size)
     hub = BenchHub(folder / "hub-jobs")
     try:
-        repos = {role: f"{HUB_USER}/{role}" for role in ("base", "instruct", "target")}
-        seed = [PYTHON, "-c", SEED_HUB]
-        for role, repo in repos.items():
-            seed += [str(folder / role), repo]
-        subprocess.run(seed, check=True, env=hub.env, capture_output=True)
+        repos = hub.seed(folder)
         hub.set_link(link, per_job=True)
         results = {}
         for count in counts:

@@ -127,13 +127,16 @@ def plan_job(argv: list[str], *, token: str | None, timeout: str | int | None = 
     }
     read = sum(sizes.values())
     written = sizes.get("--target") or sizes.get("--instruct") or max(sizes.values(), default=0)
+    return _job_plan(read, written, timeout)
+
+
+def _job_plan(read: int, written: int, timeout: str | int | None) -> JobPlan:
+    """A job's estimate from the bytes it moves, and its timeout (given, or from the estimate)."""
     estimate = JOB_START_S + (read + written) / JOB_LINK_BYTES_PER_S
     if timeout is not None:
-        seconds, given = parse_timeout(timeout), True
-    else:
-        seconds = int(min(MAX_TIMEOUT_S, TIMEOUT_FACTOR * estimate + TIMEOUT_MARGIN_S))
-        given = False
-    return JobPlan(read, written, estimate, seconds, given)
+        return JobPlan(read, written, estimate, parse_timeout(timeout), True)
+    seconds = int(min(MAX_TIMEOUT_S, TIMEOUT_FACTOR * estimate + TIMEOUT_MARGIN_S))
+    return JobPlan(read, written, estimate, seconds, False)
 
 
 def _api(token: str | None):
@@ -402,13 +405,7 @@ def plan_split_run(
     plans = []
     for part in parts:
         written = sum(summary["shards"][i - 1]["bytes"] for i in part)
-        read = int(summary["read_bytes"] * written / total_out)
-        estimate = JOB_START_S + (read + written) / JOB_LINK_BYTES_PER_S
-        if timeout is not None:
-            seconds, given = parse_timeout(timeout), True
-        else:
-            seconds, given = int(min(MAX_TIMEOUT_S, TIMEOUT_FACTOR * estimate + TIMEOUT_MARGIN_S)), False
-        plans.append(JobPlan(read, written, estimate, seconds, given))
+        plans.append(_job_plan(int(summary["read_bytes"] * written / total_out), written, timeout))
     flavor = flavor or "cpu-basic"
     return SplitPlan(
         repo_id, branch, pinned, summary["shards"], done, busy, parts, plans, flavor,

@@ -7,22 +7,13 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
+from test_jobs import upload_family
 from waits import wait_for
 
 from residuals_core.cli import main
 
 ALICE = "hf_alice_write"
 SHARD = "80KB"  # the llama family below at this size: 11 output shards
-
-
-def upload_family(fam, prefix: str) -> dict[str, str]:
-    api = HfApi(token=ALICE)
-    repos = {}
-    for role in ("base", "instruct", "target"):
-        repos[role] = f"alice/{prefix}-{role}"
-        api.create_repo(repos[role], exist_ok=True)
-        api.upload_folder(repo_id=repos[role], folder_path=str(fam[role]))
-    return repos
 
 
 def merge_argv(repos: dict[str, str], push_to: str) -> list[str]:
