@@ -10,6 +10,7 @@ labels, which the Hub shows to anyone who can see the job.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -267,6 +268,37 @@ class SplitPlan:
     flavor: str
     usd_per_hour: float | None  # the flavour's price from the Hub's hardware list
     published: bool
+    read_bytes: int = 0  # what the whole result reads from its inputs (shared out by bytes written)
+    todo: list[int] = dataclasses.field(default_factory=list)  # shards neither done nor busy (and chosen)
+    timeout: str | int | None = None  # as given; else each job's from its estimate
+
+    def split(self, jobs: int) -> SplitPlan:
+        """The same run over `jobs` jobs (fewer when fewer shards are left): job k writes shards k, k+n, …"""
+        from .split_run import assign_shards
+
+        parts = [part for part in assign_shards(self.todo, min(jobs, len(self.todo))) if part]
+        total_out = sum(s["bytes"] for s in self.shards) or 1
+        plans = []
+        for part in parts:
+            written = sum(self.shards[i - 1]["bytes"] for i in part)
+            plans.append(_job_plan(int(self.read_bytes * written / total_out), written, self.timeout))
+        return dataclasses.replace(self, parts=parts, jobs=plans)
+
+    def fewest_jobs_within(self, seconds: float, most: int = 16) -> int:
+        """The fewest jobs (1, 2, 4, … up to `most`) whose busiest one is estimated within `seconds`:
+        a split costs a start-up per job, so a run is split only as far as it needs."""
+        jobs = 1
+        while jobs < min(most, len(self.todo)):
+            plans = self.split(jobs).jobs
+            if not plans or max(p.estimate_s for p in plans) <= seconds:
+                break
+            jobs *= 2
+        return min(jobs, most)
+
+    @property
+    def wall_s(self) -> float:
+        """The estimate of the run: its jobs run side by side, so the busiest one."""
+        return max((plan.estimate_s for plan in self.jobs), default=0.0)
 
     @property
     def ref(self) -> str:
@@ -287,17 +319,18 @@ class SplitPlan:
         for k, (part, plan) in enumerate(zip(self.parts, self.jobs, strict=True), start=1):
             lines.append(f"  job {k}/{len(self.parts)}: shards {_numbers(part)}; {plan.describe()}")
         if self.jobs:
-            wall = max(plan.estimate_s for plan in self.jobs)
-            cost = (
-                f"about ${self.job_hours * self.usd_per_hour:,.2f} at ${self.usd_per_hour:g}/hour for {self.flavor} "
-                "(the Hub's hardware list)"
-                if self.usd_per_hour is not None
-                else f"the price of {self.flavor} is not in the Hub's hardware list"
-            )
-            lines.append(
-                f"  in all: about {format_duration(wall)} wall, {self.job_hours:.2f} job-hours, {cost}"
-            )
+            lines.append(f"  in all: {self.cost_text()}")
         return "\n".join(lines)
+
+    def cost_text(self) -> str:
+        """Wall time, job-hours and price of the jobs still to submit."""
+        cost = (
+            f"about ${self.job_hours * self.usd_per_hour:,.2f} at ${self.usd_per_hour:g}/hour for {self.flavor} "
+            "(the Hub's hardware list)"
+            if self.usd_per_hour is not None
+            else f"the price of {self.flavor} is not in the Hub's hardware list"
+        )
+        return f"about {format_duration(self.wall_s)} wall, {self.job_hours:.2f} job-hours, {cost}"
 
 
 def _numbers(numbers: list[int]) -> str:
@@ -351,7 +384,7 @@ def plan_split_run(
     """Plan a split run from the inputs' headers: what is on its branch already, and for the rest the
     shards, estimate, timeout and cost of each of at most `shards` jobs."""
     from . import cli
-    from .split_run import RunState, assign_shards, run_branch_name, run_state
+    from .split_run import RunState, run_branch_name, run_state
 
     check_job_command(argv)
     if argv[0] not in ("compute", "apply", "merge"):
@@ -400,17 +433,11 @@ def plan_split_run(
         for i in range(1, len(names) + 1)
         if i not in done and i not in busy and (only_shards is None or i in only_shards)
     ]
-    parts = [part for part in assign_shards(todo, min(shards, len(todo))) if part] if todo else []
-    total_out = sum(s["bytes"] for s in summary["shards"]) or 1
-    plans = []
-    for part in parts:
-        written = sum(summary["shards"][i - 1]["bytes"] for i in part)
-        plans.append(_job_plan(int(summary["read_bytes"] * written / total_out), written, timeout))
     flavor = flavor or "cpu-basic"
     return SplitPlan(
-        repo_id, branch, pinned, summary["shards"], done, busy, parts, plans, flavor,
-        flavor_price(api, flavor), state.published,
-    )  # fmt: skip
+        repo_id, branch, pinned, summary["shards"], done, busy, [], [], flavor, flavor_price(api, flavor),
+        state.published, summary["read_bytes"], todo, timeout,
+    ).split(shards)  # fmt: skip
 
 
 def _job_shards(job: Any) -> list[int]:

@@ -14,13 +14,13 @@ import plotly.graph_objects as go
 from huggingface_hub import constants as hub_constants
 
 from residuals_core.card import code_span, markdown_text
-from residuals_core.units import format_size
+from residuals_core.units import format_duration, format_size
 
 from .hosting import JobEstimate
 from .services import Delivery
 from .services.compute import Checked, Computed
 from .services.inspect import Inspected
-from .services.jobs import JobUpdate, SubmittedJob
+from .services.jobs import JobOffer, JobUpdate, SubmittedJob
 from .services.lora import Exported, Previewed
 from .services.merge import Merged
 from .services.push import Pushed
@@ -226,7 +226,52 @@ def tried_outputs(tried: Tried, settings: Settings) -> tuple[list[str], str]:
     return replies, verdict
 
 
+def _split_lines(plan: Any) -> list[str]:
+    """Each job of a split run: its shards and estimate."""
+    return [
+        f"  - job {k}: shards {', '.join(map(str, part))} — about {format_duration(job.estimate_s)} "
+        f"(timeout {format_duration(job.timeout_s)})"
+        for k, (part, job) in enumerate(zip(plan.parts, plan.jobs, strict=True), start=1)
+    ]
+
+
+def offer_text(offer: JobOffer) -> str:
+    """One job against the split the Space offers (or the visitor chose), with time and cost of each."""
+    chosen, one = offer.chosen, offer.one_job
+    lines = [
+        f"**{len(one.shards)} output shards, {format_size(sum(s['bytes'] for s in one.shards))}** "
+        f"pushed to {repo_link(chosen.repo_id)}."
+    ]
+    if chosen.published:
+        return lines[0] + " This merge was already published there by an earlier run."
+    if chosen.done or chosen.busy:
+        lines.append(
+            f"- {len(chosen.done)} shards are on its run branch already"
+            + (f", {len(chosen.busy)} being written by running jobs" if chosen.busy else "")
+            + ": only the rest is submitted."
+        )
+    if one.jobs:
+        lines.append(f"- **one job**: {one.cost_text()}")
+    if len(chosen.parts) > 1:
+        lines.append(f"- **split over {len(chosen.parts)} jobs** running side by side: {chosen.cost_text()}")
+        lines += _split_lines(chosen)
+    if one.wall_s > offer.split_after_s and len(chosen.parts) <= 1:
+        lines.append(
+            f"- ⏱ one job takes more than {format_duration(offer.split_after_s)}: choose *Jobs: auto* (or a "
+            "number) to split it by output shard; the jobs publish one commit when the last shard is in."
+        )
+    lines.append("The estimates count 3 min of start-up per job and 100 MB/s each way.")
+    return "\n".join(lines)
+
+
 def submitted_text(job: SubmittedJob) -> str:
+    if job.offer is not None:
+        links = ", ".join(job_link({"id": i, "owner": job.owner}) for i in job.ids)
+        return (
+            f"{len(job.ids)} jobs submitted on your account ({links}), each writing its share of the "
+            f"shards: {job.offer.chosen.cost_text()}. They push to {repo_link(job.repo)} in one commit "
+            "once every shard is in. **Follow my job** shows them all; **Cancel my job** stops them all."
+        )
     return (
         f"Job {job_link(job.record())} submitted on your account: it {job.plan.describe()}. "
         f"It pushes to {repo_link(job.repo)}. **Follow my job** shows its logs."
@@ -235,13 +280,30 @@ def submitted_text(job: SubmittedJob) -> str:
 
 def job_update_text(update: JobUpdate) -> str:
     link = job_link(update.job)
+    what = (
+        f"Split run ({code_span(update.job['run'])}, jobs from {link})"
+        if "run" in update.job
+        else f"Job {link}"
+    )
     if update.stage is None:
-        return f"Job {link}: {'running' if update.lines else 'starting…'}"
+        return f"{what}: {'running' if update.lines else 'starting…'}"
     message = f" ({markdown_text(update.message)})" if update.message else ""
-    done = f"Job {link}: **{markdown_text(update.stage)}**{message}"
+    done = f"{what}: **{markdown_text(update.stage)}**{message}"
     if update.stage == "COMPLETED":
         done += f" — the result is at {repo_link(update.job['repo'])}"
     return done
+
+
+def cancelled_text(job: dict[str, str], cancelled: list[str]) -> str:
+    if not cancelled:
+        return f"Nothing to cancel: no job of {job_link(job)}{' (split run)' if 'run' in job else ''} is running."
+    what = f"{len(cancelled)} job(s) of the split run" if "run" in job else f"Job {job_link(job)}"
+    kept = (
+        " Shards already on its run branch are kept: Run as a Job again with the same settings to finish it."
+        if "run" in job
+        else ""
+    )
+    return f"🛑 {what} cancelled; nothing was published to {repo_link(job['repo'])}.{kept}"
 
 
 def pushed_text(pushed: Pushed) -> str:

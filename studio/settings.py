@@ -26,6 +26,11 @@ class Settings:
     check_concurrency: int = 2  # Check compatibility (header reads) running at once
     max_zip_bytes: int = 2 * 10**9  # larger results are pushed, not zipped
     job_offer_seconds: float = 10 * 60  # beyond: Check suggests a Job on the visitor's account
+    job_split_seconds: float = 60 * 60  # one job estimated beyond: a merge is offered split over jobs
+    job_poll_seconds: float = 5.0  # how often Follow my job asks a split run's jobs for their stage
+    job_max_shard_size: str | None = (
+        None  # a Job's output shards (smaller: a finer split); None: the engine's
+    )
     max_small_file_bytes: int = 64 * 10**6  # a model's config/tokenizer file, each
     try_memory_bytes: float = 8e9  # the Try tab's three models, together
     try_sessions: int = 1  # sessions whose Try models stay loaded at once
@@ -47,6 +52,9 @@ class Settings:
             check_concurrency=int(_number(environ, "STUDIO_CHECK_CONCURRENCY", d.check_concurrency)),
             max_zip_bytes=int(_number(environ, "STUDIO_MAX_ZIP_BYTES", d.max_zip_bytes)),
             job_offer_seconds=_number(environ, "STUDIO_JOB_OFFER_MINUTES", d.job_offer_seconds / 60) * 60,
+            job_split_seconds=_number(environ, "STUDIO_JOB_SPLIT_MINUTES", d.job_split_seconds / 60) * 60,
+            job_poll_seconds=_number(environ, "STUDIO_JOB_POLL_SECONDS", d.job_poll_seconds),
+            job_max_shard_size=environ.get("STUDIO_JOB_MAX_SHARD_SIZE") or None,
             max_small_file_bytes=int(
                 _number(environ, "STUDIO_MAX_SMALL_FILE_MB", d.max_small_file_bytes / 1e6) * 1e6
             ),

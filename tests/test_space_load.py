@@ -186,8 +186,8 @@ def test_a_closed_tab_cancels_its_job_and_its_queued_calls(space, hub_server, fa
 # ---- 2. disk that never comes back --------------------------------------------------------------------
 EXPECTED_ENDPOINTS = {
     "/check", "/compute", "/apply", "/merge", "/inspect", "/try_models", "/score_questions", "/push_residuals",
-    "/push_merged", "/cancel", "/preview_export", "/export_lora", "/push_lora", "/run_job", "/follow_job",
-    "/_check_login_status",  # the login button's own
+    "/push_merged", "/cancel", "/preview_export", "/export_lora", "/push_lora", "/plan_job", "/run_job",
+    "/follow_job", "/cancel_job", "/_check_login_status",  # the login button's own
 }  # fmt: skip
 
 

@@ -217,3 +217,97 @@ def test_shard_numbers_and_their_jobs():
             parse_shard_numbers(bad)
     assert assign_shards(list(range(1, 12)), 4) == [[1, 5, 9], [2, 6, 10], [3, 7, 11], [4, 8]]
     assert assign_shards([6, 10], 1) == [[6, 10]]
+
+
+def test_the_space_offers_the_split_past_its_bound_follows_every_job_and_cancels_them(
+    hub, families, tmp_path, monkeypatch
+):
+    """Plan shows one job against the split; Run as a Job submits the split, Follow my job shows every job
+    until the one commit, the result equals a one-job merge; Cancel my job cancels every job of a run."""
+    from studio.settings import Settings
+    from studio.ui import build
+
+    fam = families("llama", size={"hidden": 64, "layers": 4})
+    repos = upload_family(fam, "spacesplit")
+    monkeypatch.setenv("STUDIO_JOB_IMAGE", IMAGE)
+    fields = (repos["base"], repos["instruct"], repos["target"], 1.0, "same as target")
+    settings = Settings(job_max_shard_size=SHARD, job_poll_seconds=0.2)
+    handlers = build(settings).handlers
+    before = len(hub.jobs)
+
+    within = handlers["plan_job"](*fields, "spacesplit-merged", True, "cpu-upgrade", "auto", ALICE, {})
+    assert "**one job**" in within and "split over" not in within and "⏱" not in within
+    past = build(Settings(job_max_shard_size=SHARD, job_split_seconds=60)).handlers["plan_job"](
+        *fields, "spacesplit-merged", True, "cpu-upgrade", "1", ALICE, {}
+    )
+    assert "⏱ one job takes more than 60 s" in past and "split over" not in past
+    asked = handlers["plan_job"](*fields, "spacesplit-merged", True, "cpu-upgrade", "4", ALICE, {})
+    assert "11 output shards" in asked and "**split over 4 jobs**" in asked
+    assert "job 4: shards 4, 8 —" in asked and "$" in asked  # each job's share, and the price
+    assert len(hub.jobs) == before  # planning submits nothing
+
+    workspace: dict = {}
+    status, seen, _ = handlers["run_job"](
+        *fields, "spacesplit-merged", True, "cpu-upgrade", "4", [], ALICE, workspace
+    )
+    assert "4 jobs submitted on your account" in status and len(hub.jobs) == before + 4
+    record = seen[-1]
+    assert record["run"].startswith("residuals-run-") and record["repo"] == "alice/spacesplit-merged"
+    updates = list(handlers["follow_job"](seen, ALICE, {}))
+    final, lines = updates[-1]
+    assert "**COMPLETED**" in final and "alice/spacesplit-merged" in final
+    assert "published to main" in lines and len(re.findall(r"\(\d-of-4\): [A-Z]+", lines)) == 4
+    assert len(updates) > 2  # the jobs' stages came while they ran
+    api = HfApi(token=ALICE)
+    titles = [c.title for c in api.list_repo_commits("alice/spacesplit-merged")]
+    assert titles == ["Upload with Residuals Studio", "initial commit"]  # one commit publishes the run
+    assert main(merge_argv(repos, "alice/spacesplit-one")) == 0
+    one = Path(api.snapshot_download("alice/spacesplit-one", cache_dir=tmp_path / "one"))
+    split = Path(api.snapshot_download("alice/spacesplit-merged", cache_dir=tmp_path / "split"))
+    weights = sorted(p.name for p in one.glob("model*"))
+    assert len(weights) == 12  # 11 shards and the index
+    assert all((one / name).read_bytes() == (split / name).read_bytes() for name in weights)
+
+    hub.link.bytes_per_s = 100_000  # a slow line: the jobs are still streaming when they are cancelled
+    try:
+        with pytest.raises(Exception, match="Jobs: 3 is not a choice offered here"):
+            handlers["run_job"](*fields, "spacesplit-cancelled", True, "cpu-upgrade", "3", [], ALICE, {})
+        _, seen, _ = handlers["run_job"](
+            *fields, "spacesplit-cancelled", True, "cpu-upgrade", "2", [], ALICE, {}
+        )
+        cancelled = handlers["cancel_my_job"](seen, ALICE, {})
+        assert "2 job(s) of the split run cancelled" in cancelled
+        branch = seen[-1]["run"]
+        run_jobs = [
+            j for j in hub.jobs.values() if (j.spec.get("labels") or {}).get("residuals-run") == branch
+        ]
+        wait_for(
+            lambda: all(j.stage == "CANCELED" for j in run_jobs), what="every job of the run is cancelled"
+        )
+    finally:
+        hub.link.bytes_per_s = None
+    assert [c.title for c in api.list_repo_commits("alice/spacesplit-cancelled")] == ["initial commit"]
+    assert "Nothing to cancel" in handlers["cancel_my_job"](seen, ALICE, {})
+
+
+def test_a_run_is_split_only_as_far_as_its_busiest_job_needs():
+    from residuals_core.jobs import SplitPlan
+
+    def plan(shards: int, shard_bytes: int) -> SplitPlan:
+        files = [{"file": f"model-{i}.safetensors", "bytes": shard_bytes} for i in range(1, shards + 1)]
+        todo = list(range(1, shards + 1))
+        return SplitPlan("me/out", "residuals-run-0", [], files, [], [], [], [], "cpu-basic", 0.03, False,
+                         3 * shards * shard_bytes, todo).split(1)  # fmt: skip
+
+    # one job: 3 × 160 GB read + 160 GB written at 100 MB/s = 6400 s, + 180 s of start-up
+    big = plan(8, 20 * 10**9)
+    assert [round(j.estimate_s) for j in big.jobs] == [6580]
+    assert big.fewest_jobs_within(7000) == 1
+    assert big.fewest_jobs_within(3600) == 2  # 3380 s each
+    assert big.fewest_jobs_within(1000) == 8  # 980 s each; 4 jobs would take 1780 s
+    split = big.split(2)
+    assert split.parts == [[1, 3, 5, 7], [2, 4, 6, 8]] and round(split.wall_s) == 3380
+    assert round(split.job_hours * 3600) == 2 * 3380  # a split pays a start-up per job
+    assert "$0.06" in split.cost_text()  # 1.88 job-hours at $0.03/h
+    few = plan(5, 20 * 10**9)
+    assert len(few.split(few.fewest_jobs_within(1)).parts) == 5  # never more jobs than shards

@@ -48,8 +48,11 @@ class ApplyTab:
     instruct: gr.Textbox
     merge_target: gr.Textbox
     flavor: gr.Dropdown
+    job_count: gr.Dropdown
+    plan_job: gr.Button
     run_job: gr.Button
     follow: gr.Button
+    cancel_job: gr.Button
     job_status: gr.Markdown
     job_logs: gr.Textbox
     merge: gr.Button
@@ -87,12 +90,19 @@ def build(ctx: StudioContext, field_hint: str) -> ApplyTab:
         with gr.Accordion("Too big for this Space? Run the merge as a Job on your account", open=False):
             gr.Markdown(
                 "The same merge on Hugging Face hardware billed to your account; the result is pushed to "
-                "the repo named under *Push merged model* below. Your login travels as the job's secret."
+                "the repo named under *Push merged model* below. Your login travels as the job's secret. "
+                f"A merge one job would take more than {ctx.settings.job_split_seconds / 60:.0f} min over is "
+                "split by output shard over jobs that run side by side (*Jobs: auto*); *Plan* shows the "
+                "time and cost of each before anything is submitted."
             )
-            flavor = gr.Dropdown(jobs.FLAVORS, value="cpu-upgrade", label="Hardware")
             with gr.Row():
+                flavor = gr.Dropdown(jobs.FLAVORS, value="cpu-upgrade", label="Hardware", min_width=WIDE)
+                job_count = gr.Dropdown(jobs.JOB_COUNTS, value=jobs.AUTO, label="Jobs", min_width=WIDE)
+            with gr.Row():
+                plan_job = gr.Button("Plan (time and cost)")
                 run_job = gr.Button("Run as a Job on my account")
                 follow = gr.Button("Follow my job")
+                cancel_job = gr.Button("Cancel my job", variant="stop")
             job_status = gr.Markdown("The job's link and stage will appear here.")
             job_logs = gr.Textbox(label="Job logs", lines=8, max_lines=20)
         gr.Examples(
@@ -107,8 +117,9 @@ def build(ctx: StudioContext, field_hint: str) -> ApplyTab:
     status = gr.Markdown("The summary of the merged model will appear here.")
     download = gr.File(label="Download the merged model (zip)")
     return ApplyTab(
-        source, residuals, target, scale, dtype, apply, base, instruct, merge_target, flavor, run_job, follow,
-        job_status, job_logs, merge_button, direct, cancel, status, download, push_box("merged model"),
+        source, residuals, target, scale, dtype, apply, base, instruct, merge_target, flavor, job_count, plan_job,
+        run_job, follow, cancel_job, job_status, job_logs, merge_button, direct, cancel, status, download,
+        push_box("merged model"),
     )  # fmt: skip
 
 
@@ -176,6 +187,31 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
         return merged_outputs(done, "one pass", workspace)
 
     @errors
+    def plan_as_jobs(
+        base: str,
+        instruct: str,
+        target: str,
+        scale: float,
+        dtype: str,
+        repo_name: str,
+        private: bool,
+        flavor: str,
+        job_count: str = jobs.AUTO,
+        token: str | None = None,
+        workspace: dict[str, Any] | None = None,
+        oauth_token: gr.OAuthToken | None = None,
+        request: gr.Request | None = None,
+    ) -> str:
+        """Time and cost of the merge as one job and split over jobs, from the inputs' headers: nothing is
+        submitted."""
+        offer = jobs.plan(
+            ctx, workspace if workspace is not None else {}, session_hash(request), base=base, instruct=instruct,
+            target=target, scale=scale, dtype=dtype, repo_name=repo_name, private=private, flavor=flavor,
+            job_count=job_count, login=login_of(oauth_token), pasted_token=token,
+        )  # fmt: skip
+        return present.offer_text(offer)
+
+    @errors
     def run_as_job(
         base: str,
         instruct: str,
@@ -185,21 +221,38 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
         repo_name: str,
         private: bool,
         flavor: str,
+        job_count: str = jobs.AUTO,
         jobs_seen: list | None = None,
         token: str | None = None,
         workspace: dict[str, Any] | None = None,
         oauth_token: gr.OAuthToken | None = None,
         request: gr.Request | None = None,
     ):
-        """Submit the one-pass merge as a Job under the visitor's account; the job is kept in the session and
-        in the browser (its id, never the token), so the page can follow it after a reload."""
+        """Submit the one-pass merge as Jobs under the visitor's account (split over several past the Space's
+        bound with `auto`); the job is kept in the session and in the browser (its id, never the token),
+        so the page can follow it after a reload."""
         workspace = workspace if workspace is not None else {}
         submitted = jobs.submit(
             ctx, workspace, session_hash(request), base=base, instruct=instruct, target=target, scale=scale,
             dtype=dtype, repo_name=repo_name, private=private, flavor=flavor, login=login_of(oauth_token),
-            pasted_token=token, image=job_image(ctx),
+            pasted_token=token, image=job_image(ctx), job_count=job_count,
         )  # fmt: skip
         return present.submitted_text(submitted), [*(jobs_seen or []), submitted.record()], workspace
+
+    @errors
+    def cancel_my_job(
+        jobs_seen: list | None = None,
+        token: str | None = None,
+        workspace: dict[str, Any] | None = None,
+        oauth_token: gr.OAuthToken | None = None,
+        request: gr.Request | None = None,
+    ) -> str:
+        """Cancel the latest job this session or browser submitted (every job of a split run)."""
+        job, cancelled = jobs.cancel(
+            ctx, workspace if workspace is not None else {}, session_hash(request), jobs_seen,
+            login_of(oauth_token), token,
+        )  # fmt: skip
+        return present.cancelled_text(job, cancelled)
 
     @errors
     def follow_job(
@@ -219,8 +272,10 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
     return {
         "apply": apply,
         "merge": merge_three,
+        "plan_job": plan_as_jobs,
         "run_job": run_as_job,
         "follow_job": follow_job,
+        "cancel_my_job": cancel_my_job,
         "push_merged": push_event(ctx, "merged"),
     }
 
@@ -243,12 +298,20 @@ def wire(
         handlers["push_merged"], [tab.push.repo, tab.push.private, token, workspace], tab.push.status,
         api_name="push_merged",
     )  # fmt: skip
+    job_fields = [tab.base, tab.instruct, tab.merge_target, tab.scale, tab.dtype, tab.push.repo, tab.push.private,
+                  tab.flavor]  # fmt: skip
+    tab.plan_job.click(
+        handlers["plan_job"], [*job_fields, tab.job_count, token, workspace], tab.job_status, api_name="plan_job",
+        concurrency_limit=heavy["check_concurrency"], concurrency_id="check",  # header reads, like Check
+    )  # fmt: skip
     tab.run_job.click(
         handlers["run_job"],
-        [tab.base, tab.instruct, tab.merge_target, tab.scale, tab.dtype, tab.push.repo, tab.push.private, tab.flavor,
-         jobs_seen, token, workspace],
+        [*job_fields, tab.job_count, jobs_seen, token, workspace],
         [tab.job_status, jobs_seen, workspace],
         api_name="run_job",
+    )  # fmt: skip
+    tab.cancel_job.click(
+        handlers["cancel_my_job"], [jobs_seen, token, workspace], tab.job_status, api_name="cancel_job"
     )  # fmt: skip
     tab.follow.click(
         handlers["follow_job"], [jobs_seen, token, workspace], [tab.job_status, tab.job_logs], api_name="follow_job",
