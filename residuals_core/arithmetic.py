@@ -361,6 +361,24 @@ def _not_finite(
     )
 
 
+_SQRT_FLOAT32_MAX = math.sqrt(torch.finfo(torch.float32).max)  # ≈ 1.8e19
+
+
+def _finite_by_norms(stored_dtype: torch.dtype, reference_sq: float, delta_sq: float) -> bool:
+    """Whether the norms already taken prove a piece finite as written, saving a pass over it.
+
+    A finite float32 sum of squares bounds every element by √(float32 max) ≈ 1.8e19 (an overflow,
+    NaN or Inf could not come back to finite). The result is the delta, or the reference plus the
+    delta, so it is bounded by 3.7e19: finite in any output dtype whose largest value is above that
+    (float32, bfloat16), not in float16, whose pieces keep the check below.
+    """
+    return (
+        math.isfinite(reference_sq)
+        and math.isfinite(delta_sq)
+        and torch.finfo(stored_dtype).max >= 2 * _SQRT_FLOAT32_MAX
+    )
+
+
 def _written_finite(result: torch.Tensor, stored: torch.Tensor) -> bool:
     """Whether a piece is finite as written, in the output dtype, for the price of one reduction.
 
@@ -421,7 +439,8 @@ def execute(
     overwrite those work buffers and returns (result, delta): the result goes into a buffer the
     sink provides (computed straight into it when the output is float32, else cast into it) and
     is written; the delta's norm is recorded (the residual itself for compute, the scaled
-    residual actually added for apply and merge). `check_reconstruction` gets the inputs as
+    residual actually added for apply and merge). The result must be the delta, or the reference
+    operand plus the delta: their norms then prove most pieces finite without another pass. `check_reconstruction` gets the inputs as
     read (own dtypes), the work buffers after `combine`, the stored piece, and a reused scratch
     buffer of the second input's dtype on `device`. `stats`: the dict to fill (a tensor's entry is
     final before its last piece is written, so a sink may read it when the file is done).
@@ -455,18 +474,24 @@ def execute(
                     work.append(
                         piece if piece.data_ptr() == work_buffer.data_ptr() else work_buffer.copy_(piece)
                     )
+                reference_sq = 0.0
                 if out.is_float and reference_operand is not None:  # before combine overwrites it
                     reference = work[reference_operand]
-                    st.reference_norm_sq += float(torch.dot(reference, reference))
+                    reference_sq = float(torch.dot(reference, reference))
+                    st.reference_norm_sq += reference_sq
                 stored = sink.buffer(out.dtype, count)
                 into = stored if stored.dtype == work_dtype and stored.device == device else None
                 result, delta = combine(work, out, into)
                 if result.data_ptr() != stored.data_ptr():
                     stored.copy_(result)  # the one rounding to the output dtype
                 if out.is_float:
-                    if not _written_finite(result, stored):
+                    delta_sq = float(torch.dot(delta, delta))  # flat float32 pieces: one BLAS call
+                    if not (
+                        _finite_by_norms(stored.dtype, reference_sq, delta_sq)
+                        or _written_finite(result, stored)
+                    ):
                         raise _not_finite(out, start, stop, combine, stored)
-                    st.norm_sq += float(torch.dot(delta, delta))  # flat float32 pieces: one BLAS call
+                    st.norm_sq += delta_sq
                 if check_reconstruction is not None and out.is_float:
                     scratch = buffers.get(("rebuilt",), raw[1].dtype, count, device)
                     mismatched, max_err = check_reconstruction(raw, work, stored, out, scratch)

@@ -10,7 +10,7 @@ import threading
 
 from tqdm.auto import tqdm
 
-from . import __version__, operations
+from . import __version__
 from .errors import ResidualsError
 from .options import OPTION_NAMES, Options
 from .units import parse_size
@@ -376,6 +376,7 @@ def _compute_sparsified(args: argparse.Namespace, common: dict):
     """compute --dare/--trim: the exact residuals into a temporary folder, then sparsified into --out."""
     import tempfile
 
+    from . import operations
     from .options import work_dir
 
     options = common["options"]
@@ -534,6 +535,12 @@ def _terminate(signum: int, frame: object) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Parse and run one command; a user's mistake or a machine fault raises ResidualsError."""
     args = build_parser().parse_args(argv)
+    if args.command == "apply":  # checked while the engine's imports load, on the otherwise idle core
+        from .manifest import check_files_early
+
+        check_files_early(args.residuals)
+    from . import operations  # torch: imported once the command is known
+
     progress = _TqdmProgress(args.command, enabled=not getattr(args, "quiet", True))
     if args.command == "inspect":
         report = operations.inspect_residuals(args.path, token=args.token)
@@ -587,6 +594,8 @@ def run(argv: list[str] | None = None) -> int:
 
 def _result(args: argparse.Namespace, options: Options):
     """Run compute / sparsify / apply / merge as the parsed arguments say."""
+    from . import operations
+
     common = dict(normalize_embeddings=args.normalize_embeddings, options=options)
     if args.command == "sparsify":
         return operations.sparsify_residuals(

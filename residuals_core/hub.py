@@ -28,6 +28,7 @@ from .checkpoint import (
     unindexed_weight_files,
 )
 from .errors import ResidualsError
+from .options import DEFAULT_MAX_SMALL_FILE_BYTES
 from .sources import DEFAULT_READ_AHEAD_BYTES
 from .tokenizer import TOKENIZER_FILES
 
@@ -48,7 +49,6 @@ SMALL_FILES = (
 )
 SMALL_FILE_PATTERNS = ("*.tiktoken",)
 META_PATTERNS = [*SMALL_FILES, *SMALL_FILE_PATTERNS]
-DEFAULT_MAX_SMALL_FILE_BYTES = 100 * 10**6  # a real tokenizer.json is at most a few tens of MB
 
 
 def small_files_of(repo_id: str, siblings: list, max_bytes: int) -> dict[str, int]:

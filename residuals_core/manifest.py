@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, read_json
+from .checksums import check_early, file_digest, matches_manifest
 from .errors import ResidualsError
-from .writer import file_digest, matches_manifest
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 MANIFEST_NAME = "residuals_manifest.json"
 
@@ -26,6 +28,8 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         return None
+    from .checkpoint import read_json
+
     manifest = read_json(path)
     files = manifest.get("files", {})
     good = isinstance(files, dict) and all(
@@ -41,6 +45,12 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
             "to use the files unchecked).",
         )
     return manifest
+
+
+def check_files_early(folder: str | Path) -> None:
+    """Start checking a local residuals folder's files against its manifest before the engine needs it
+    (the command line does while torch loads); `ManifestCheck` then takes the result."""
+    check_early(folder, MANIFEST_NAME)
 
 
 def write_manifest(

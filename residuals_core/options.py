@@ -10,16 +10,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ResidualsError
-from .hub import DEFAULT_MAX_SMALL_FILE_BYTES
 from .sources import DEFAULT_READ_AHEAD_BYTES
 from .units import parse_size
 
+if TYPE_CHECKING:  # torch is imported by what runs the arithmetic, not by what only describes it
+    import torch
+
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_MAX_SMALL_FILE_BYTES = 100 * 10**6  # a real tokenizer.json is at most a few tens of MB
 Progress = Callable[[int, int, str], None]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import queue
@@ -22,17 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from .checkpoint import TORCH_TO_SAFETENSORS, TensorInfo
+from .checksums import Checksums, file_digest
 from .options import DEFAULT_MAX_SHARD_SIZE
 
-HASH_CHUNK = 8 * 1024 * 1024
 IO_ALIGN = 4096  # O_DIRECT needs aligned memory, offsets and lengths
 FLUSH_BYTES = 8 * 1024 * 1024  # a block goes to disk once it holds this much
 BLOCK_CAPACITY = FLUSH_BYTES + 8 * 1024 * 1024 + IO_ALIGN  # room for one more engine piece (8 MB at most)
-CHECKSUMS = {"sha256": hashlib.sha256, "xxh3_64": xxhash.xxh3_64}  # what every manifest entry records
 BLOCKS_IN_FLIGHT = 6  # the pool: bounds the writer's memory to ~100 MB
 
 
@@ -50,20 +47,6 @@ class _Block:
         return memoryview(self.array[start:stop])
 
 
-class _Checksums:
-    """Running digests of one file's bytes, of the kinds asked for (all of CHECKSUMS by default)."""
-
-    def __init__(self, kinds: tuple[str, ...] = tuple(CHECKSUMS)):
-        self._digests = {kind: CHECKSUMS[kind]() for kind in kinds}
-
-    def update(self, data) -> None:
-        for digest in self._digests.values():
-            digest.update(data)
-
-    def hexdigests(self) -> dict[str, str]:
-        return {kind: digest.hexdigest() for kind, digest in self._digests.items()}
-
-
 class _OutputFile:
     """One shard being written: its descriptor, running checksums and size (one thread at a time)."""
 
@@ -71,7 +54,7 @@ class _OutputFile:
         self.path = path
         self.fsync = fsync
         self.fd, self.direct = _open_for_writing(path, direct_io)
-        self.checksums = _Checksums()
+        self.checksums = Checksums()
         self.size = 0
         self.closed = False
 
@@ -431,26 +414,3 @@ def shard_sizes(specs: list[TensorInfo], max_shard_size: int | str) -> list[int]
     split = plan_shards(specs, max_shard_size)
     sizes = {s.name: s.nbytes for s in specs}
     return [sum(sizes[n] for n in names) for _, names in split.files]
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    """A manifest entry: sha256 (what the Hub and the model card show), xxh3_64 and size.
-
-    xxh3_64 is what `matches_manifest` checks when it is there: it detects a corrupted or
-    altered file as surely for this purpose (the manifest sits beside the file, so neither
-    stops a deliberate forger) at memory speed, where sha256 costs ~0.6 s per GB.
-    """
-    return {**_read_checksums(path, _Checksums()), "size": path.stat().st_size}
-
-
-def matches_manifest(path: Path, entry: dict[str, Any]) -> bool:
-    """Whether a file has the checksum its manifest entry records (xxh3_64, or sha256 in older manifests)."""
-    kind = "xxh3_64" if "xxh3_64" in entry else "sha256"
-    return _read_checksums(path, _Checksums((kind,)))[kind] == entry[kind]
-
-
-def _read_checksums(path: Path, checksums: _Checksums) -> dict[str, str]:
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            checksums.update(chunk)
-    return checksums.hexdigests()

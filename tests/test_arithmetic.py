@@ -61,3 +61,38 @@ def test_the_output_dtype_is_chosen_per_tensor():
     plan = plan_tensors([("base", source("b")), ("instruct", source("i"))], out_dtype=lambda info: torch.bfloat16,
                         normalize_embeddings=True)  # fmt: skip
     assert {o.dtype for o in plan.outputs} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    ("target_value", "residual_value", "out_dtype", "refused"),
+    [
+        (1.0, 0.5, torch.bfloat16, False),  # small: the norms prove it finite
+        (1e30, 1e30, torch.bfloat16, False),  # squares overflow float32, the values do not: checked, written
+        (3e38, 3e38, torch.bfloat16, True),  # the sum overflows float32 itself
+        (3.3e38, 0.0, torch.bfloat16, False),  # at the top of bfloat16's range, still finite
+        (60000.0, 10000.0, torch.float16, True),  # float16: finite in float32, Inf once rounded
+        (1.0, float("nan"), torch.bfloat16, True),  # a NaN input
+    ],
+)
+def test_every_written_piece_is_finite_in_the_output_dtype(target_value, residual_value, out_dtype, refused):
+    """The result is checked as written: by the pieces' norms where they prove it, else element by element."""
+    from residuals_core.arithmetic import DictSink, execute, make_apply
+
+    target = StateDictSource({"w": torch.full((64,), target_value)}, label="target")
+    residual = StateDictSource({"w": torch.full((64,), residual_value)}, label="residuals")
+    plan = plan_tensors(
+        [("target", target), ("residuals", residual)],
+        out_dtype=lambda info: out_dtype,
+        normalize_embeddings=False,
+    )
+    sink = DictSink(plan)
+    run = lambda: execute(plan, make_apply(1.0), sink, reference_operand=0)  # noqa: E731
+    if refused:
+        with pytest.raises(ResidualsError, match=r"NaN or Inf|overflows"):
+            run()
+        return
+    stats = run()
+    written = sink.tensors()["w"]
+    assert written.dtype == out_dtype and bool(torch.isfinite(written).all())
+    assert torch.equal(written, (torch.full((64,), target_value) + residual_value).to(out_dtype))
+    assert stats["w"].numel == 64

@@ -200,6 +200,38 @@ def test_manifests_with_only_sha256_are_still_checked(tmp_path, families):
         Residuals.from_pretrained(tmp_path / "res")
 
 
+def test_a_check_started_early_stands_only_for_the_very_same_file(tmp_path, families, monkeypatch):
+    """The command line starts hashing a residuals folder while torch loads; apply takes that result
+    instead of reading the file again, but never for a file changed since."""
+    from waits import wait_for
+
+    from residuals_core import checksums
+    from residuals_core.manifest import check_files_early
+
+    fam = families("llama")
+    compute_residuals(fam["base"], fam["instruct"], tmp_path / "res")
+    weights = tmp_path / "res" / "model.safetensors"
+    hashed: list[str] = []
+    real = checksums.read_checksums
+
+    def counted(path, sums):
+        digests = real(path, sums)
+        hashed.append(path.name)
+        return digests
+
+    monkeypatch.setattr(checksums, "read_checksums", counted)
+    check_files_early(tmp_path / "res")
+    apply_residuals(tmp_path / "res", fam["base"], tmp_path / "applied")
+    assert hashed.count("model.safetensors") == 1  # the early check's, taken by apply's own
+    check_files_early(tmp_path / "res")
+    wait_for(lambda: hashed.count("model.safetensors") == 2, what="the early check of the intact file")
+    time.sleep(0.05)  # a later tick of the file system's clock than the check's
+    _flip_a_byte(weights)  # altered after it was found intact
+    with pytest.raises(ResidualsError, match=r"model\.safetensors does not match its recorded checksum"):
+        apply_residuals(tmp_path / "res", fam["base"], tmp_path / "applied-again")
+    assert not (tmp_path / "applied-again").exists()
+
+
 def test_missing_instruct_tokenizer_fails_before_work(tmp_path, families):
     fam = families("llama")
     inst = tmp_path / "inst"
