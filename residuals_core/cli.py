@@ -535,10 +535,7 @@ def _terminate(signum: int, frame: object) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Parse and run one command; a user's mistake or a machine fault raises ResidualsError."""
     args = build_parser().parse_args(argv)
-    if args.command == "apply":  # checked while the engine's imports load, on the otherwise idle core
-        from .manifest import check_files_early
-
-        check_files_early(args.residuals)
+    _start_early(args)
     from . import operations  # torch: imported once the command is known
 
     progress = _TqdmProgress(args.command, enabled=not getattr(args, "quiet", True))
@@ -590,6 +587,21 @@ def run(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     print(f"total ‖delta‖ = {result.summary.get('total_norm', 0.0):.6g}")
     return 0
+
+
+def _start_early(args: argparse.Namespace) -> None:
+    """While torch loads (a second in which the disk and the second core would idle): the kernel starts
+    reading the local inputs, and apply starts checking its residuals against their manifest."""
+    if args.command not in ("compute", "apply", "merge", "sparsify"):
+        return
+    from .sources import prefetch_local_inputs
+
+    inputs = ("base", "instruct", "target", "residuals", "model")
+    prefetch_local_inputs([getattr(args, name, None) for name in inputs])
+    if args.command == "apply":
+        from .manifest import check_files_early
+
+        check_files_early(args.residuals)
 
 
 def _result(args: argparse.Namespace, options: Options):

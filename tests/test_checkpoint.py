@@ -116,3 +116,47 @@ def test_what_the_rule_refuses_and_why(listing, weight_map, words):
 def test_pickles_only_when_allowed():
     listing = ["pytorch_model.bin", "optimizer.pt", "training_args.bin"]
     assert select_weight_files(listing, index({}), "m", allow_pickle=True) == ["pytorch_model.bin"]
+
+
+def _resident_bytes(path) -> int:
+    """Bytes of a file in the page cache: mincore over a copy-on-write mapping (nothing written to it)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        first = ctypes.c_char.from_buffer(mapped)
+        try:
+            assert libc.mincore(ctypes.c_void_p(ctypes.addressof(first)), ctypes.c_size_t(size), vector) == 0
+        finally:
+            del first
+    return sum(page & 1 for page in vector) * mmap.PAGESIZE
+
+
+def test_the_command_line_starts_reading_local_inputs_while_torch_loads(tmp_path):
+    """prefetch_local_inputs asks the kernel for the head of each local folder's first weight file;
+    anything that is not a local folder of weights (a Hub id, demo:…, None) is passed over."""
+    import os
+
+    from waits import wait_for
+
+    from residuals_core.sources import prefetch_local_inputs
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    first, second = folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors"
+    for path in (first, second):
+        path.write_bytes(os.urandom(4 << 20))
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+        os.close(fd)
+    if _resident_bytes(first) or _resident_bytes(second):
+        pytest.skip("this file system keeps files in memory (tmpfs): nothing to read ahead")
+    prefetch_local_inputs(["org/name", "demo:base-v1", None, str(tmp_path / "missing"), str(folder)], 1 << 20)
+    wait_for(lambda: _resident_bytes(first) >= 1 << 20, what="the first megabyte read ahead")
+    assert _resident_bytes(first) < 4 << 20 and _resident_bytes(second) == 0  # only what was asked for
