@@ -57,9 +57,20 @@ def _tree_bytes(folder: Path) -> int:
     return total
 
 
+COLD = {"on": False}  # --cold: every run starts with an empty page cache
+
+
+def drop_page_cache() -> None:
+    """Write back and drop the page cache (root only), so the next run reads its inputs from the disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def measure(cmd: list[str], env: dict | None = None, disk: Path | None = None) -> dict[str, float]:
     """Wall time, peak RSS (VmHWM) and peak anonymous RSS (sampled every 20 ms) of one process;
     with `disk`, also the high-water mark of the bytes stored under that folder."""
+    if COLD["on"]:
+        drop_page_cache()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     peaks = {"rss": 0, "anon": 0, "disk": 0}
@@ -150,7 +161,7 @@ UPSTREAM_APPLY = (
     "Residuals.from_pretrained(sys.argv[1]).apply(sys.argv[2], out_dir=sys.argv[3], model_dtype=torch.bfloat16)"
 )
 IO_FLOOR = r"""
-import sys, shutil, pathlib
+import os, sys, shutil, pathlib
 inputs, out = sys.argv[1:-1], pathlib.Path(sys.argv[-1])
 out.mkdir()
 for folder in inputs:                               # read every input byte
@@ -158,8 +169,10 @@ for folder in inputs:                               # read every input byte
         with open(f, "rb") as h:
             while h.read(8 << 20):
                 pass
-for f in sorted(pathlib.Path(inputs[0]).glob("*.safetensors")):   # write an output of the same size
-    shutil.copyfile(f, out / f.name)
+for f in sorted(pathlib.Path(inputs[0]).glob("*.safetensors")):   # write an output of the same size,
+    shutil.copyfile(f, out / f.name)                               # to the disk (ours writes with O_DIRECT)
+    with open(out / f.name, "rb") as h:
+        os.fsync(h.fileno())
 """
 
 
@@ -535,6 +548,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="tools to leave out: residuals, mergekit")
     parser.add_argument("--report-only", action="store_true", help="re-render results.md from results.json")
     parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every run (root only): inputs come from the disk, not memory",
+    )
+    parser.add_argument(
         "--hub",
         action="store_true",
         help="Hub mode: the family served by the test Hub over a limited link, Hub ids in and --push-to out, "
@@ -550,6 +568,7 @@ def main(argv: list[str] | None = None) -> None:
         help="Hub mode: split the merge over each of these numbers of Jobs (each with a link of its own)",
     )
     args = parser.parse_args(argv)
+    COLD["on"] = args.cold
     if args.report_only:
         report = json.loads((RESULTS / "results.json").read_text())
         (RESULTS / "results.md").write_text(to_markdown(report))
@@ -593,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.max_shard_size,
             )
         else:
+            name = "results-cold" if args.cold else "results"
             report["sizes"][str(size)] = bench_size(
                 size, work / f"family-{size}", args.repeat, upstream, mergekit_cli
             )
