@@ -2,7 +2,9 @@
 
 Both give `read_into(offset, view)` and `finish()`, so the engine never knows where bytes come
 from. A local file is read with positioned reads into the caller's buffer (no mmap: mapped pages
-of a large file count towards resident memory). A Hub file is read with ranged GETs through
+of a large file count towards resident memory), while a background thread asks the kernel to read
+the next LOCAL_READ_AHEAD_BYTES of it into the page cache: an input not yet cached then streams at
+the disk's speed instead of one request at a time. A Hub file is read with ranged GETs through
 huggingface_hub's HTTP helpers, sequentially, by a background thread that keeps a bounded
 read-ahead queue full, resumes where a cut connection stopped, and hashes every byte: `finish()`
 compares the sha256 with the one the Hub records for the file (its LFS oid). Nothing of a Hub
@@ -26,6 +28,10 @@ from .errors import ResidualsError
 CHUNK_BYTES = 1024 * 1024  # the stream's unit: hashed, queued and (when read again) verified per chunk
 RECEIVE_BYTES = 64 * 1024  # what one socket read hands over: a cut loses at most this much
 DEFAULT_READ_AHEAD_BYTES = 32 * 1024 * 1024
+# Measured on a cold 1B merge here (interleaved runs): 7-11 s with the kernel's own read-ahead alone,
+# 3.1-4.2 s asking 64 MB ahead.
+LOCAL_READ_AHEAD_BYTES = 64 * 1024 * 1024
+ADVICE_STEP_BYTES = 2 * 1024 * 1024
 EARLY_PREFETCH_BYTES = 256 * 1024 * 1024  # of each local input, asked for while the engine's imports load
 RETRIES = 8  # consecutive failed attempts before a Hub read gives up (progress resets the count)
 FIRST_RETRY_WAIT_S = 0.5
@@ -59,10 +65,15 @@ class LocalFile(ByteReader):
         self.label = self.path
         self.size = os.stat(self.path).st_size
         self._fd: int | None = None
+        self._asked = 0  # the kernel was asked to read the file up to here
 
     def read_into(self, offset: int, view: memoryview) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
+        if offset + len(view) > self._asked - LOCAL_READ_AHEAD_BYTES // 2:
+            start = max(self._asked, offset)
+            self._asked = start + LOCAL_READ_AHEAD_BYTES
+            _ask_kernel(self.path, start, LOCAL_READ_AHEAD_BYTES)
         done = 0
         while done < len(view):
             got = os.preadv(self._fd, [view[done:]], offset + done)
@@ -79,30 +90,53 @@ class LocalFile(ByteReader):
             self._fd = None
 
 
+_requests: queue.SimpleQueue = queue.SimpleQueue()
+_asker: threading.Thread | None = None
+_asker_lock = threading.Lock()
+
+
+def _ask_kernel(path: str, offset: int, length: int) -> None:
+    """Queue a read-ahead request for the background thread: posix_fadvise(WILLNEED) can block while it
+    submits the reads, and the engine must not wait for that."""
+    global _asker
+    if not hasattr(os, "posix_fadvise"):
+        return
+    _requests.put((path, offset, length))
+    with _asker_lock:
+        if _asker is None:
+            _asker = threading.Thread(target=_serve_requests, daemon=True, name="read-ahead")
+            _asker.start()
+
+
+def _serve_requests() -> None:
+    while True:
+        path, offset, length = _requests.get()
+        try:  # by path: the page cache is the file's, whichever descriptor asks
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:  # the kernel reads at most its read-ahead size (a few MB) per call: ask in steps
+            for start in range(offset, offset + length, ADVICE_STEP_BYTES):
+                os.posix_fadvise(fd, start, ADVICE_STEP_BYTES, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def prefetch_local_inputs(
     folders: list[str | os.PathLike | None], length: int = EARLY_PREFETCH_BYTES
 ) -> None:
-    """Start reading the head of each local input folder's first weight file in the background: the
-    command line calls this before importing torch, which leaves the disk idle for a second otherwise."""
-
-    def advise() -> None:
-        for folder in folders:
-            try:
-                first = min(
-                    (f for f in os.scandir(folder) if f.name.endswith(".safetensors")), key=lambda f: f.name
-                )
-                fd = os.open(first.path, os.O_RDONLY)
-            except (OSError, TypeError, ValueError):  # not a local folder (a Hub id, demo:…), or no weights
-                continue
-            try:  # into the page cache, not this process's memory; the kernel's own read-ahead takes over
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    threading.Thread(target=advise, daemon=True, name="early-prefetch").start()
+    """Ask for the head of each local input folder's first weight file: the command line calls this
+    before importing torch, which leaves the disk idle for a second otherwise."""
+    for folder in folders:
+        try:
+            first = min(
+                (f for f in os.scandir(folder) if f.name.endswith(".safetensors")), key=lambda f: f.name
+            )
+        except (OSError, TypeError, ValueError):  # not a local folder (a Hub id, demo:…), or no weights
+            continue
+        _ask_kernel(first.path, 0, length)
 
 
 @dataclass(frozen=True)

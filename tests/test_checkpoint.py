@@ -160,3 +160,27 @@ def test_the_command_line_starts_reading_local_inputs_while_torch_loads(tmp_path
     prefetch_local_inputs(["org/name", "demo:base-v1", None, str(tmp_path / "missing"), str(folder)], 1 << 20)
     wait_for(lambda: _resident_bytes(first) >= 1 << 20, what="the first megabyte read ahead")
     assert _resident_bytes(first) < 4 << 20 and _resident_bytes(second) == 0  # only what was asked for
+
+
+def test_a_local_file_is_read_ahead_of_the_engine(tmp_path):
+    """Reading the start of a local file asks the kernel (from a background thread) for the next
+    LOCAL_READ_AHEAD_BYTES, so a file not in the page cache streams instead of one request at a time."""
+    import os
+
+    from waits import wait_for
+
+    from residuals_core.sources import LOCAL_READ_AHEAD_BYTES, LocalFile
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(os.urandom(2 * LOCAL_READ_AHEAD_BYTES))
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _resident_bytes(path):
+        pytest.skip("this file system keeps files in memory (tmpfs): nothing to read ahead")
+    reader = LocalFile(path)
+    reader.read_bytes(0, 1 << 20)
+    wait_for(lambda: _resident_bytes(path) >= LOCAL_READ_AHEAD_BYTES, what="the next 64 MB read ahead")
+    assert _resident_bytes(path) < 2 * LOCAL_READ_AHEAD_BYTES  # no more than was asked for
+    reader.close()
