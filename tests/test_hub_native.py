@@ -369,10 +369,9 @@ def peak_rss_gib(*args, env_extra=None) -> float:
 
     Not ru_maxrss: Linux carries the forked parent's (pytest's) peak across exec into it.
     """
-    script = (
-        "import runpy, sys; sys.argv = ['residuals_core', *sys.argv[1:]]\n"
-        "try:\n    runpy.run_module('residuals_core', run_name='__main__')\n"
-        "except SystemExit as e:\n    assert not e.code, e.code\n"
+    script = (  # the command line's main() (`python -m` would end the process before the peak is read)
+        "import sys\nfrom residuals_core.cli import main\n"
+        "code = main(sys.argv[1:])\nassert not code, code\n"
         "print('PEAK', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
