@@ -31,6 +31,21 @@ _RUN_BRANCH = re.compile(r"^residuals-run-[0-9a-f]{6,64}$")
 
 
 @dataclass(frozen=True)
+class MergeJob:
+    """The one-pass merge a visitor asks to run as Jobs, as the page's fields give it."""
+
+    base: str
+    instruct: str
+    target: str
+    scale: Any
+    dtype: str
+    repo_name: str
+    private: bool
+    flavor: str
+    job_count: Any = AUTO  # "auto" or a number of jobs among JOB_COUNTS
+
+
+@dataclass(frozen=True)
 class JobOffer:
     """A merge as Jobs before anything is submitted: the split chosen (the fewest jobs within the Space's
     bound when `auto`) and one job's estimate beside it, so the visitor sees what splitting buys."""
@@ -85,38 +100,25 @@ def job_model(ctx: StudioContext, text: str, role: str, workspace: Workspace) ->
     )
 
 
-def _merge_command(
-    ctx: StudioContext,
-    workspace: Workspace,
-    write_token: str,
-    *,
-    base: str,
-    instruct: str,
-    target: str,
-    scale: Any,
-    dtype: str,
-    repo_name: str,
-    private: bool,
-) -> list[str]:
-    """The one-pass merge as a job's command line, pushing to a repo checked beforehand."""
-    scale = space_scale(scale)
-    argv = ["merge", "--base", job_model(ctx, base, "base model", workspace),
-            "--instruct", job_model(ctx, instruct, "instruct model", workspace),
-            "--target", job_model(ctx, target, "target model", workspace), "--scale", f"{scale:g}"]  # fmt: skip
-    repo = writable_repo_id(HfApi(token=write_token), repo_name_given(repo_name))
+def _merge_command(ctx: StudioContext, workspace: Workspace, write_token: str, job: MergeJob) -> list[str]:
+    """The one-pass merge as a job's command line, pushing to a repo checked beforehand; the hardware and
+    the job count are checked here too, before anything is read or submitted."""
+    if job.flavor not in FLAVORS:
+        raise ResidualsError("That hardware is not offered here.", f"Choose among {', '.join(FLAVORS)}.")
+    _job_count(job.job_count)
+    scale = space_scale(job.scale)
+    argv = ["merge", "--base", job_model(ctx, job.base, "base model", workspace),
+            "--instruct", job_model(ctx, job.instruct, "instruct model", workspace),
+            "--target", job_model(ctx, job.target, "target model", workspace), "--scale", f"{scale:g}"]  # fmt: skip
+    repo = writable_repo_id(HfApi(token=write_token), repo_name_given(job.repo_name))
     argv += ["--push-to", repo, "--quiet"]
     if ctx.settings.job_max_shard_size:
         argv += ["--max-shard-size", ctx.settings.job_max_shard_size]
-    if dtype != SAME_AS_TARGET:
-        argv += ["--dtype", dtype]
-    if private:
+    if job.dtype != SAME_AS_TARGET:
+        argv += ["--dtype", job.dtype]
+    if job.private:
         argv.append("--private")
     return argv
-
-
-def _check_flavor(flavor: str) -> None:
-    if flavor not in FLAVORS:
-        raise ResidualsError("That hardware is not offered here.", f"Choose among {', '.join(FLAVORS)}.")
 
 
 def _job_count(text: Any) -> int | None:
@@ -130,10 +132,10 @@ def _job_count(text: Any) -> int | None:
     return int(str(text).strip())
 
 
-def _offer(ctx: StudioContext, argv: list[str], write_token: str, flavor: str, job_count: Any) -> JobOffer:
+def _offer(ctx: StudioContext, argv: list[str], write_token: str, job: MergeJob) -> JobOffer:
     """Plan the run from the inputs' headers (and what its branch holds already), split as asked."""
-    one_job = jobs.plan_split_run(argv, shards=1, token=write_token, flavor=flavor)
-    count = _job_count(job_count)
+    one_job = jobs.plan_split_run(argv, shards=1, token=write_token, flavor=job.flavor)
+    count = _job_count(job.job_count)
     split_after = ctx.settings.job_split_seconds
     chosen = one_job.split(count if count is not None else one_job.fewest_jobs_within(split_after))
     return JobOffer(chosen, one_job, split_after)
@@ -143,47 +145,26 @@ def plan(
     ctx: StudioContext,
     workspace: Workspace,
     session_hash: str | None,
+    job: MergeJob,
     *,
-    base: str,
-    instruct: str,
-    target: str,
-    scale: Any,
-    dtype: str,
-    repo_name: str,
-    private: bool,
-    flavor: str,
-    job_count: Any,
     login: Login | None,
     pasted_token: str | None,
 ) -> JobOffer:
     """What running the merge as Jobs would take and cost, one job and split, before submitting any."""
     ctx.check_open(workspace, session_hash)
     write_token = ctx.credentials.write_token(login, pasted_token)
-    _check_flavor(flavor)
-    argv = _merge_command(
-        ctx, workspace, write_token, base=base, instruct=instruct, target=target, scale=scale, dtype=dtype,
-        repo_name=repo_name, private=private,
-    )  # fmt: skip
-    return _offer(ctx, argv, write_token, flavor, job_count)
+    return _offer(ctx, _merge_command(ctx, workspace, write_token, job), write_token, job)
 
 
 def submit(
     ctx: StudioContext,
     workspace: Workspace,
     session_hash: str | None,
+    job: MergeJob,
     *,
-    base: str,
-    instruct: str,
-    target: str,
-    scale: Any,
-    dtype: str,
-    repo_name: str,
-    private: bool,
-    flavor: str,
     login: Login | None,
     pasted_token: str | None,
     image: str | None,
-    job_count: Any = "1",
 ) -> SubmittedJob:
     """The one-pass merge as Jobs under the visitor's account: one job, or past the Space's bound (or as
     asked) a split run; a run whose branch holds shards already submits only the missing ones."""
@@ -191,20 +172,17 @@ def submit(
     write_token = ctx.credentials.write_token(
         login, pasted_token
     )  # refused here, before anything is submitted
-    _check_flavor(flavor)
-    count = _job_count(job_count)
     ctx.credentials.check_may_run_jobs(login)
     if image is None:
         raise ResidualsError("Jobs need an image of this app.", "Run it as a Space, or set STUDIO_JOB_IMAGE.")
-    argv = _merge_command(
-        ctx, workspace, write_token, base=base, instruct=instruct, target=target, scale=scale, dtype=dtype,
-        repo_name=repo_name, private=private,
-    )  # fmt: skip
+    argv = _merge_command(ctx, workspace, write_token, job)
     repo = argv[argv.index("--push-to") + 1]
     expires_at = (login.expires_at if login is not None else None) or None  # 0: given through the API
-    offer = _offer(ctx, argv, write_token, flavor, job_count) if count != 1 else None
+    offer = _offer(ctx, argv, write_token, job) if _job_count(job.job_count) != 1 else None
     if offer is None or (len(offer.chosen.parts) <= 1 and not offer.chosen.done and not offer.chosen.busy):
-        info = jobs.run_job(argv, token=write_token, image=image, flavor=flavor, token_expires_at=expires_at)
+        info = jobs.run_job(
+            argv, token=write_token, image=image, flavor=job.flavor, token_expires_at=expires_at
+        )
         owner = jobs.parse_job_ref(info.url)[0] or repo.split("/")[0]
         submitted = SubmittedJob(info.id, owner, repo, plan=info.plan)
     else:

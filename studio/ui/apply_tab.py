@@ -204,10 +204,10 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
     ) -> str:
         """Time and cost of the merge as one job and split over jobs, from the inputs' headers: nothing is
         submitted."""
+        job = jobs.MergeJob(base, instruct, target, scale, dtype, repo_name, private, flavor, job_count)
         offer = jobs.plan(
-            ctx, workspace if workspace is not None else {}, session_hash(request), base=base, instruct=instruct,
-            target=target, scale=scale, dtype=dtype, repo_name=repo_name, private=private, flavor=flavor,
-            job_count=job_count, login=login_of(oauth_token), pasted_token=token,
+            ctx, workspace if workspace is not None else {}, session_hash(request), job,
+            login=login_of(oauth_token), pasted_token=token,
         )  # fmt: skip
         return present.offer_text(offer)
 
@@ -232,10 +232,10 @@ def events(ctx: StudioContext) -> dict[str, Callable]:
         bound with `auto`); the job is kept in the session and in the browser (its id, never the token),
         so the page can follow it after a reload."""
         workspace = workspace if workspace is not None else {}
+        job = jobs.MergeJob(base, instruct, target, scale, dtype, repo_name, private, flavor, job_count)
         submitted = jobs.submit(
-            ctx, workspace, session_hash(request), base=base, instruct=instruct, target=target, scale=scale,
-            dtype=dtype, repo_name=repo_name, private=private, flavor=flavor, login=login_of(oauth_token),
-            pasted_token=token, image=job_image(ctx), job_count=job_count,
+            ctx, workspace, session_hash(request), job, login=login_of(oauth_token), pasted_token=token,
+            image=job_image(ctx),
         )  # fmt: skip
         return present.submitted_text(submitted), [*(jobs_seen or []), submitted.record()], workspace
 
