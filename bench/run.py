@@ -57,7 +57,7 @@ def _tree_bytes(folder: Path) -> int:
     return total
 
 
-COLD = {"on": False}  # --cold: every run starts with an empty page cache
+COLD = False  # --cold: every run starts with an empty page cache
 
 
 def drop_page_cache() -> None:
@@ -69,7 +69,7 @@ def drop_page_cache() -> None:
 def measure(cmd: list[str], env: dict | None = None, disk: Path | None = None) -> dict[str, float]:
     """Wall time, peak RSS (VmHWM) and peak anonymous RSS (sampled every 20 ms) of one process;
     with `disk`, also the high-water mark of the bytes stored under that folder."""
-    if COLD["on"]:
+    if COLD:
         drop_page_cache()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -573,7 +573,8 @@ def main(argv: list[str] | None = None) -> None:
         help="Hub mode: split the merge over each of these numbers of Jobs (each with a link of its own)",
     )
     args = parser.parse_args(argv)
-    COLD["on"] = args.cold
+    global COLD
+    COLD = args.cold
     if args.report_only:
         report = json.loads((RESULTS / "results.json").read_text())
         (RESULTS / "results.md").write_text(to_markdown(report))

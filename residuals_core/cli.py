@@ -70,8 +70,6 @@ def _shard_numbers(text: str) -> tuple[int, ...]:
 def _model(text: str) -> str:
     """A model argument: a folder, a Hub id (`hf://` for one that must not be read as a folder), or a
     bundled demo model by its name (`demo:base-v1`)."""
-    if not text.startswith("demo:"):  # demo.DEMO_PREFIX; that module imports torch: for demo names only
-        return text
     from .demo import demo_model
 
     try:

@@ -15,10 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ResidualsError
-from .generation import complete
 
 
 def _installed_family() -> Path:
@@ -173,6 +170,8 @@ def generate(
     model, tokenizer, prompts: list[str], max_new_tokens: int = 24, max_time: float | None = None
 ) -> list[str]:
     """Greedy continuations of raw prompts, special tokens kept so the stop marker is visible."""
+    from .generation import complete  # torch: only where a model runs, so naming a demo model stays light
+
     return [
         complete(
             model,
@@ -217,6 +216,7 @@ def evaluate_family(
     """The table: every model of the family plus base-v2 + (instruct-v1 − base-v1) merged by this project."""
     import tempfile
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .operations import merge_models

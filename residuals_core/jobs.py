@@ -541,24 +541,7 @@ def split_run_status(ref: str, *, token: str | None, namespace: str | None = Non
             lambda: list(api.list_jobs(labels={RUN_LABEL: branch}, namespace=namespace, token=token))
         )
         state = run_state(api, repo_id, branch)
-    total = None
-    if state.recorded:  # a record names the result's shard count
-        total = _record_total(api, repo_id, branch, next(iter(state.recorded.values())), token)
-    return RunStatus(repo_id, branch, listed, len(state.recorded), total, state.published)
-
-
-def _record_total(api: Any, repo_id: str, branch: str, path: str, token: str | None) -> int | None:
-    import json
-    import tempfile
-
-    from huggingface_hub import hf_hub_download
-
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            got = hf_hub_download(repo_id, path, revision=branch, token=token, local_dir=folder)
-            return int(json.loads(Path(got).read_text()).get("of"))
-        except Exception:
-            return None
+    return RunStatus(repo_id, branch, listed, len(state.recorded), state.shards_total, state.published)
 
 
 def cancel_split_run(ref: str, *, token: str | None, namespace: str | None = None) -> list[str]:

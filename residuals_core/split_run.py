@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -84,6 +85,15 @@ class RunState:
     recorded: dict[str, str]  # file name -> path of its record on the branch
     published: bool
     branch_exists: bool
+
+    @property
+    def shards_total(self) -> int | None:
+        """How many shards the result has, from a recorded shard's name (`model-00002-of-00011…`; a lone
+        `model.safetensors` is 1 of 1); None before any shard is on the branch."""
+        for name in self.recorded:
+            of = re.search(r"-of-(\d+)\.safetensors$", name)
+            return int(of.group(1)) if of else 1
+        return None
 
 
 def run_state(api: Any, repo_id: str, branch: str) -> RunState:
