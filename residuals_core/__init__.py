@@ -1,7 +1,8 @@
 """residuals_core: streaming instruction residuals (task vectors) with the `residuals` package's API.
 
 The public names load on first use (PEP 562), so `python -m residuals_core` can parse its command
-line and start checking inputs before torch is imported.
+line and start checking inputs before the engine loads; the engine computes on numpy and
+imports torch only for model instances, GPUs and the commands that run a model.
 """
 
 from __future__ import annotations

@@ -12,13 +12,27 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from .checkpoint import TensorInfo, TensorSource, element_ranges
+from .dtypes import (
+    FLOAT32,
+    INT64,
+    DType,
+    all_finite,
+    dtype_from_name,
+    overflow_count,
+    same_bits,
+    store,
+    to_float32,
+    to_torch,
+    written_finite,
+)
 from .errors import ResidualsError
 
 # float32 bytes per piece. On the CPU, 2 MB pieces keep a piece's buffers in cache between the
@@ -38,7 +52,7 @@ class OutputTensor:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     operands: list[tuple[TensorSource, str]]  # (source, tensor name) per operand
     # operand slot -> slot whose values stand in for its missing vocabulary rows (else zeros)
     fills: dict[int, int] = field(default_factory=dict)
@@ -100,7 +114,7 @@ def _name_list(names: Sequence[str], limit: int = 5) -> str:
 def plan_tensors(
     roles: Sequence[tuple[str, TensorSource]],
     *,
-    out_dtype: Callable[[TensorInfo], torch.dtype],
+    out_dtype: Callable[[TensorInfo], DType],
     normalize_embeddings: bool,
     vocab_sizes: Sequence[int | None] = (),
     min_vocab_rows: int | None = None,
@@ -202,7 +216,7 @@ def plan_tensors(
             OutputTensor(
                 name=name,
                 shape=tuple(shape),
-                dtype=out_dtype(infos[0]),
+                dtype=dtype_from_name(out_dtype(infos[0])),  # a torch dtype is taken too
                 operands=[(source, name) for _, source in roles],
                 fills=fills,
             )
@@ -263,47 +277,135 @@ def _fill_note(role: str, rows: int, total: int, source: str | None, rows_by_rol
 
 # ---- execution --------------------------------------------------------------------------------
 class DictSink:
-    """Collects output tensors in memory (used for model instances)."""
+    """Collects output tensors in memory (used for model instances); torch tensors at the end."""
 
     def __init__(self, plan: Plan):
-        self._shapes = {o.name: o.shape for o in plan.outputs}
-        self._pieces: dict[str, list[torch.Tensor]] = {}
+        self._outputs = {o.name: o for o in plan.outputs}
+        self._pieces: dict[str, list[np.ndarray]] = {}
 
-    def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
-        return torch.empty(count, dtype=dtype)  # kept: every piece is a fresh tensor
+    def buffer(self, dtype: DType, count: int) -> np.ndarray:
+        return np.empty(count, dtype=dtype.numpy)  # kept: every piece is a fresh array
 
-    def write(self, name: str, piece: torch.Tensor) -> None:
+    def write(self, name: str, piece: np.ndarray) -> None:
         self._pieces.setdefault(name, []).append(piece)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: torch.cat(p).reshape(self._shapes[n]) for n, p in self._pieces.items()}
+    def tensors(self) -> dict[str, Any]:
+        result = {}
+        for name, pieces in self._pieces.items():
+            out = self._outputs[name]
+            result[name] = to_torch(np.concatenate(pieces), out.dtype).reshape(out.shape)
+        return result
 
 
-class _Buffers:
-    """Reused flat buffers, one per (purpose, operand slot, dtype, device).
+def _xp(array: Any) -> Any:
+    """numpy for host arrays, torch for device tensors: the operations' arithmetic serves both."""
+    return np if isinstance(array, np.ndarray) else sys.modules["torch"]
 
-    Reusing a few small buffers instead of allocating fresh ones per piece avoids the kernel
-    zeroing new pages for every piece, which on these machines costs as much as the arithmetic.
+
+class _HostMath:
+    """The arithmetic on the CPU, in numpy: a command-line run never imports torch for it.
+
+    Work buffers are reused, one per (purpose, operand slot, dtype): allocating fresh ones per piece
+    makes the kernel zero new pages for every piece, which here costs as much as the arithmetic.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._buffers: dict[tuple, np.ndarray] = {}
 
-    def get(self, key: tuple, dtype: torch.dtype, count: int, device: torch.device) -> torch.Tensor:
-        full = (*key, dtype, device)
+    def host_buffer(self, key: tuple, dtype: DType, count: int) -> np.ndarray:
+        full = (*key, dtype.storage)
         buffer = self._buffers.get(full)
-        if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[full] = torch.empty(count, dtype=dtype, device=device)
+        if buffer is None or buffer.size < count:
+            buffer = self._buffers[full] = np.empty(count, dtype=dtype.numpy)
         return buffer[:count]
+
+    work_buffer = host_buffer
+
+    def load(self, key: tuple, raw: np.ndarray, dtype: DType, work_dtype: DType) -> np.ndarray:
+        """The values of a piece as read (elements of `dtype`) in a reused work buffer."""
+        work = self.work_buffer(key, work_dtype, raw.size)
+        return to_float32(raw, dtype, work) if work_dtype == FLOAT32 else _copy_into(work, raw)
+
+    @staticmethod
+    def norm_sq(values: np.ndarray) -> float:
+        return float(np.dot(values, values))  # flat float32 pieces: one BLAS call
+
+    @staticmethod
+    def written_finite(values: np.ndarray, dtype: DType) -> bool:
+        return written_finite(values, dtype)
+
+    @staticmethod
+    def overflow_count(values: np.ndarray, dtype: DType) -> int:
+        return overflow_count(values, dtype)
+
+    @staticmethod
+    def store(values: np.ndarray, stored: np.ndarray, dtype: DType) -> np.ndarray:
+        return store(values, stored, dtype)
+
+
+class _DeviceMath(_HostMath):
+    """The same steps on a GPU with torch: pieces are read on the host, combined on the device, and
+    rounded there before they come back into the sink's host buffer."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        super().__init__()
+        self._torch, self._device = torch, device
+        self._tensors: dict[tuple, Any] = {}
+
+    def work_buffer(self, key: tuple, dtype: DType, count: int) -> Any:
+        full = (*key, dtype.name)
+        buffer = self._tensors.get(full)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._tensors[full] = self._torch.empty(count, dtype=dtype.torch, device=self._device)
+        return buffer[:count]
+
+    def load(self, key: tuple, raw: np.ndarray, dtype: DType, work_dtype: DType) -> Any:
+        return self.work_buffer(key, work_dtype, raw.size).copy_(to_torch(raw, dtype))
+
+    def norm_sq(self, values: Any) -> float:
+        return float(self._torch.dot(values, values))
+
+    def written_finite(self, values: Any, dtype: DType) -> bool:
+        if values.numel() == 0:
+            return True
+        if dtype.overflow == math.inf:
+            return math.isfinite(float(values.sum()))
+        low, high = self._torch.aminmax(values)
+        return -dtype.overflow < float(low) and float(high) < dtype.overflow  # NaN compares false
+
+    def overflow_count(self, values: Any, dtype: DType) -> int:
+        finite = self._torch.isfinite(values) & (values.abs() < dtype.overflow)
+        return int(values.numel() - finite.count_nonzero())
+
+    def store(self, values: Any, stored: np.ndarray, dtype: DType) -> np.ndarray:
+        to_torch(stored, dtype).copy_(values.to(dtype.torch))  # rounded on the device, then copied back
+        return stored
+
+
+def _copy_into(out: np.ndarray, values: np.ndarray) -> np.ndarray:
+    np.copyto(out, values, casting="unsafe")
+    return out
+
+
+def _converted(raw: np.ndarray, dtype: DType, to: DType) -> np.ndarray:
+    """Elements of `dtype` as elements of `to` (a fresh array), rounded as torch rounds them."""
+    if dtype == to:
+        return raw
+    out = np.empty(raw.size, dtype=to.numpy)
+    if dtype.storage == dtype.name and to.storage == to.name:
+        return _copy_into(out, raw)  # numpy converts its own types directly
+    return store(to_float32(raw, dtype, np.empty(raw.size, np.float32)), out, to)
 
 
 def _read_elements(
     operand: tuple[TensorSource, str],
     start: int,
     stop: int,
-    buffer: torch.Tensor | None,
+    buffer: np.ndarray | None,
     fill: tuple[TensorSource, str] | None = None,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Elements [start, stop) of an operand (into `buffer` when the source can); past its end, the
     `fill` operand's elements where it has them, else zeros.
 
@@ -311,17 +413,21 @@ def _read_elements(
     rows are exactly the tail.
     """
     source, name = operand
-    have = min(stop, source.tensors[name].numel) - start
+    info = source.tensors[name]
+    have = min(stop, info.numel) - start
     if have >= stop - start:
         return source.read_elements(name, start, stop, out=buffer)
-    piece = torch.zeros(stop - start, dtype=source.tensors[name].dtype)  # vocabulary padding: rare
+    piece = np.zeros(stop - start, dtype=info.dtype.numpy)  # vocabulary padding: rare
     if have > 0:
         piece[:have] = source.read_elements(name, start, start + have)
     if fill is not None:
         begin = start + max(have, 0)
         end = min(stop, fill[0].tensors[fill[1]].numel)
         if end > begin:
-            piece[begin - start : end - start] = _read_elements(fill, begin, end, None)
+            filled = _read_elements(fill, begin, end, None)
+            piece[begin - start : end - start] = _converted(
+                filled, fill[0].tensors[fill[1]].dtype, info.dtype
+            )
     return piece
 
 
@@ -330,14 +436,14 @@ def _non_finite_inputs(out: OutputTensor, start: int, stop: int) -> list[str]:
     return [
         source.label
         for slot, (source, name) in enumerate(out.operands)
-        if not torch.isfinite(_read_elements((source, name), start, stop, None, out.fill_for(slot))).all()
+        if not all_finite(
+            _read_elements((source, name), start, stop, None, out.fill_for(slot)), source.tensors[name].dtype
+        )
     ]
 
 
-def _not_finite(
-    out: OutputTensor, start: int, stop: int, combine: Callable, stored: torch.Tensor
-) -> ResidualsError:
-    """Why a written piece holds NaN/Inf: bad inputs, or a value beyond the output dtype's range at this α."""
+def _not_finite(out: OutputTensor, start: int, stop: int, combine: Callable, count: int) -> ResidualsError:
+    """Why a piece would be written with NaN/Inf: bad inputs, or a value beyond the output dtype's range at this α."""
     scale = getattr(combine, "scale", None)
     at = f" at scale α = {scale:g}" if scale is not None else ""
     bad = _non_finite_inputs(out, start, stop)
@@ -347,12 +453,11 @@ def _not_finite(
             "non-finite values there.",
             "Check those checkpoints (a corrupt or overflowed model); nothing was written.",
         )
-    count = int((~torch.isfinite(stored)).sum())
-    if stored.dtype != torch.float32:
-        limit = torch.finfo(stored.dtype).max
+    if out.dtype != FLOAT32:
         return ResidualsError(
-            f"Tensor {out.name!r} overflows {str(stored.dtype).removeprefix('torch.')}{at}: {count} value(s) of one "
-            f"piece exceed its range (±{limit:.5g}) once rounded, and would be written as Inf.",
+            f"Tensor {out.name!r} overflows {out.dtype}{at}: {count} value(s) of one "
+            f"piece exceed its range (±{out.dtype.max:.5g}) once rounded, and would be written as "
+            f"{'NaN' if out.dtype.name == 'float8_e4m3fn' else 'Inf'}.",
             "Use a smaller scale, or write float32 (--dtype float32 / dtype=torch.float32); nothing was written.",
         )
     return ResidualsError(
@@ -361,43 +466,20 @@ def _not_finite(
     )
 
 
-_SQRT_FLOAT32_MAX = math.sqrt(torch.finfo(torch.float32).max)  # ≈ 1.8e19
+_SQRT_FLOAT32_MAX = math.sqrt(FLOAT32.max)  # ≈ 1.8e19
 
 
-def _finite_by_norms(stored_dtype: torch.dtype, reference_sq: float, delta_sq: float) -> bool:
+def _finite_by_norms(stored_dtype: DType, reference_sq: float, delta_sq: float) -> bool:
     """Whether the norms already taken prove a piece finite as written, saving a pass over it.
 
     A finite float32 sum of squares bounds every element by √(float32 max) ≈ 1.8e19 (an overflow,
     NaN or Inf could not come back to finite). The result is the delta, or the reference plus the
     delta, so it is bounded by 3.7e19: finite in any output dtype whose largest value is above that
-    (float32, bfloat16), not in float16, whose pieces keep the check below.
+    (float32, bfloat16), not in float16, whose pieces keep the range check.
     """
     return (
-        math.isfinite(reference_sq)
-        and math.isfinite(delta_sq)
-        and torch.finfo(stored_dtype).max >= 2 * _SQRT_FLOAT32_MAX
+        math.isfinite(reference_sq) and math.isfinite(delta_sq) and stored_dtype.max >= 2 * _SQRT_FLOAT32_MAX
     )
-
-
-def _written_finite(result: torch.Tensor, stored: torch.Tensor) -> bool:
-    """Whether a piece is finite as written, in the output dtype, for the price of one reduction.
-
-    A float16 value overflows only when rounded, so a float32 check alone would pass it. For
-    narrower outputs, the float32 result's range tells: within ±max of the output dtype, every
-    value rounds to a finite one. For float32 outputs NaN/Inf propagate through a sum. Only a
-    suspicious piece (or a sum that overflowed on its own) is checked element by element.
-    """
-    if result.numel() == 0:
-        return True
-    if stored.dtype.itemsize >= 4:
-        if math.isfinite(float(result.sum())):
-            return True
-    else:
-        low, high = torch.aminmax(result)
-        limit = torch.finfo(stored.dtype).max
-        if -limit <= float(low) and float(high) <= limit:  # NaN compares false
-            return True
-    return bool(torch.isfinite(stored).all())
 
 
 def reading_order(plan: Plan) -> Plan:
@@ -417,84 +499,94 @@ def reading_order(plan: Plan) -> Plan:
 
 def execute(
     plan: Plan,
-    combine: Callable[
-        [list[torch.Tensor], OutputTensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
-    ],
+    combine: Callable[[list[Any], OutputTensor, Any], tuple[Any, Any]],
     sink,
     *,
     reference_operand: int | None = None,
     check_reconstruction: Callable[
-        [list[torch.Tensor], list[torch.Tensor], torch.Tensor, OutputTensor, torch.Tensor], tuple[int, float]
+        [list[np.ndarray], list[Any], np.ndarray, OutputTensor, Any], tuple[int, float]
     ]
     | None = None,
-    device: str | torch.device = "cpu",
+    device: str | Any = "cpu",
     piece_bytes: int | None = None,
     progress: Progress | None = None,
     stats: dict[str, TensorStats] | None = None,
 ) -> dict[str, TensorStats]:
     """Stream every output tensor through `combine` into `sink`; return per-tensor norms.
 
-    Each operand's rows are read into a reused buffer and converted into a reused float32 work
-    buffer on `device` (float32 inputs on the CPU are read straight into it). `combine` may
-    overwrite those work buffers and returns (result, delta): the result goes into a buffer the
-    sink provides (computed straight into it when the output is float32, else cast into it) and
-    is written; the delta's norm is recorded (the residual itself for compute, the scaled
-    residual actually added for apply and merge). The result must be the delta, or the reference
-    operand plus the delta: their norms then prove most pieces finite without another pass. `check_reconstruction` gets the inputs as
-    read (own dtypes), the work buffers after `combine`, the stored piece, and a reused scratch
-    buffer of the second input's dtype on `device`. `stats`: the dict to fill (a tensor's entry is
-    final before its last piece is written, so a sink may read it when the file is done).
+    Each operand's elements are read into a reused host buffer and converted into a reused work
+    buffer (float32, or int64 for integer tensors) on the host, or on `device` (float32 inputs on
+    the host are read straight into it). `combine` may overwrite those work buffers and returns
+    (result, delta): the result is checked finite as it will be written, then rounded into a buffer
+    the sink provides (computed straight into it when the output is float32 on the host) and
+    written; the delta's norm is recorded (the residual itself for compute, the scaled residual
+    actually added for apply and merge). The result must be the delta, or the reference operand
+    plus the delta: their norms then prove most pieces finite without another pass.
+    `check_reconstruction` gets the inputs as read, the work buffers after `combine`, the stored
+    piece and the arithmetic's buffers. `stats`: the dict to fill (a tensor's entry is final before
+    its last piece is written, so a sink may read it when the file is done).
     """
     device = check_device(device)
-    piece_bytes = piece_bytes or (DEFAULT_PIECE_BYTES if device.type == "cpu" else DEVICE_PIECE_BYTES)
+    on_host = device == "cpu"
+    piece_bytes = piece_bytes or (DEFAULT_PIECE_BYTES if on_host else DEVICE_PIECE_BYTES)
     stats = {} if stats is None else stats
-    buffers = _Buffers()
-    cpu = torch.device("cpu")
+    arithmetic = _HostMath() if on_host else _DeviceMath(device)
     total = len(plan.outputs)
-    with _torch_threads(_engine_threads()) if device.type == "cpu" else contextlib.nullcontext():
+    # overflows are found by the checks below and refused with their reason, not warned about
+    with (
+        np.errstate(over="ignore", invalid="ignore"),
+        _torch_threads(_engine_threads()) if on_host else contextlib.nullcontext(),
+    ):
         for index, out in enumerate(plan.outputs):
             if progress:
                 progress(index, total, out.name)
             info = out.info
             st = stats[out.name] = TensorStats(numel=info.numel)
-            work_dtype = torch.float32 if out.is_float else torch.int64
+            work_dtype = FLOAT32 if out.is_float else INT64
             for start, stop in element_ranges(info.numel, piece_bytes):
                 count = stop - start
-                raw: list[torch.Tensor] = []
-                work: list[torch.Tensor] = []
+                raw: list[np.ndarray] = []
+                work: list[Any] = []
                 for slot, operand in enumerate(out.operands):
                     in_dtype = operand[0].tensors[operand[1]].dtype
-                    work_buffer = buffers.get(("work", slot), work_dtype, count, device)
                     # read straight into the work buffer when no conversion is needed and no one needs the
-                    # input as read afterwards; otherwise read, then convert in one copy
-                    direct = in_dtype == work_dtype and device == cpu and check_reconstruction is None
-                    read_buffer = work_buffer if direct else buffers.get(("read", slot), in_dtype, count, cpu)
+                    # input as read afterwards; otherwise read, then convert in one pass
+                    if in_dtype == work_dtype and on_host and check_reconstruction is None:
+                        piece = _read_elements(
+                            operand,
+                            start,
+                            stop,
+                            arithmetic.work_buffer(("work", slot), work_dtype, count),
+                            out.fill_for(slot),
+                        )
+                        raw.append(piece)
+                        work.append(piece)
+                        continue
+                    read_buffer = arithmetic.host_buffer(("read", slot), in_dtype, count)
                     piece = _read_elements(operand, start, stop, read_buffer, out.fill_for(slot))
                     raw.append(piece)
-                    work.append(
-                        piece if piece.data_ptr() == work_buffer.data_ptr() else work_buffer.copy_(piece)
-                    )
+                    work.append(arithmetic.load(("work", slot), piece, in_dtype, work_dtype))
                 reference_sq = 0.0
                 if out.is_float and reference_operand is not None:  # before combine overwrites it
-                    reference = work[reference_operand]
-                    reference_sq = float(torch.dot(reference, reference))
+                    reference_sq = arithmetic.norm_sq(work[reference_operand])
                     st.reference_norm_sq += reference_sq
                 stored = sink.buffer(out.dtype, count)
-                into = stored if stored.dtype == work_dtype and stored.device == device else None
+                into = stored if out.dtype == work_dtype and on_host else None
                 result, delta = combine(work, out, into)
-                if result.data_ptr() != stored.data_ptr():
-                    stored.copy_(result)  # the one rounding to the output dtype
                 if out.is_float:
-                    delta_sq = float(torch.dot(delta, delta))  # flat float32 pieces: one BLAS call
+                    delta_sq = arithmetic.norm_sq(delta)
                     if not (
-                        _finite_by_norms(stored.dtype, reference_sq, delta_sq)
-                        or _written_finite(result, stored)
+                        _finite_by_norms(out.dtype, reference_sq, delta_sq)
+                        or arithmetic.written_finite(result, out.dtype)
                     ):
-                        raise _not_finite(out, start, stop, combine, stored)
+                        raise _not_finite(
+                            out, start, stop, combine, arithmetic.overflow_count(result, out.dtype)
+                        )
                     st.norm_sq += delta_sq
+                if result is not stored:
+                    arithmetic.store(result, stored, out.dtype)  # the one rounding to the output dtype
                 if check_reconstruction is not None and out.is_float:
-                    scratch = buffers.get(("rebuilt",), raw[1].dtype, count, device)
-                    mismatched, max_err = check_reconstruction(raw, work, stored, out, scratch)
+                    mismatched, max_err = check_reconstruction(raw, work, stored, out, arithmetic)
                     st.mismatched += mismatched
                     st.max_abs_error = max(st.max_abs_error, max_err)
                 sink.write(out.name, stored)
@@ -514,20 +606,29 @@ def check_scale(scale: float) -> float:
     return value
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """The device to combine on, refused up front with a clear message when it cannot be used."""
+def check_device(device: str | Any) -> str | Any:
+    """The device to combine on, refused up front with a clear message when it cannot be used.
+
+    "cpu" stays a string (the host's arithmetic needs no torch); anything else is a torch device.
+    """
+    if str(device) == "cpu":
+        return "cpu"
+    import torch
+
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ResidualsError(
             f"{device!r} is not a device name ({exc}).", "Use 'cpu', or 'cuda' on a machine with a GPU."
         ) from None
+    if resolved.type == "cpu":
+        return "cpu"
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ResidualsError(
             f"device {device!r} was asked for, but this machine has no usable CUDA GPU.",
             "Use device 'cpu' (the default), or run on a machine with a CUDA GPU.",
         )
-    if resolved.type not in ("cpu", "cuda"):
+    if resolved.type != "cuda":
         raise ResidualsError(
             f"device {device!r} is not supported.", "Use 'cpu', or 'cuda' on a machine with a GPU."
         )
@@ -535,7 +636,7 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def _engine_threads() -> int:
-    """Threads for the elementwise work: the cores the writer's hashing and writing threads leave.
+    """Threads for torch's elementwise work: the cores the writer's hashing and writing threads leave.
 
     The work is memory-bound; on two cores, intra-op threads only spin against those threads
     (measured here: 12.4 s of CPU for a 1B compute with two, 6.6 s with one).
@@ -545,6 +646,12 @@ def _engine_threads() -> int:
 
 @contextlib.contextmanager
 def _torch_threads(count: int):
+    """Limit torch's threads while the engine runs, where torch is loaded at all (sources such as
+    DARE's draw with it inside the loop); the host's own arithmetic is numpy on one thread."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -554,12 +661,11 @@ def _torch_threads(count: int):
 
 
 # ---- the three operations' arithmetic (on float32 work buffers they may overwrite) ------------
-def residual_of(
-    pieces: list[torch.Tensor], out: OutputTensor, into: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+# numpy arrays on the host, torch tensors on a device: both spell these operations alike.
+def residual_of(pieces: list[Any], out: OutputTensor, into: Any = None) -> tuple[Any, Any]:
     """R = instruct − base (operands: base, instruct), into `into` when given (base is kept)."""
     base, instruct = pieces
-    residual = torch.sub(instruct, base, out=instruct if into is None else into)
+    residual = _xp(base).subtract(instruct, base, out=instruct if into is None else into)
     return residual, residual
 
 
@@ -567,13 +673,12 @@ def make_apply(scale: float) -> Callable:
     """out = target + scale·R (operands: target, residual); integer tensors get R unscaled."""
     check_scale(scale)
 
-    def apply(
-        pieces: list[torch.Tensor], out: OutputTensor, into: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(pieces: list[Any], out: OutputTensor, into: Any = None) -> tuple[Any, Any]:
         target, residual = pieces
+        xp = _xp(target)
         if scale != 1.0 and out.is_float:
-            residual = residual.mul_(scale)
-        return torch.add(target, residual, out=target if into is None else into), residual
+            residual = xp.multiply(residual, scale, out=residual)
+        return xp.add(target, residual, out=target if into is None else into), residual
 
     apply.scale = scale  # named in overflow messages
     return apply
@@ -584,45 +689,42 @@ def make_merge(scale: float) -> Callable:
 
     apply = make_apply(scale)
 
-    def merge(
-        pieces: list[torch.Tensor], out: OutputTensor, into: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge(pieces: list[Any], out: OutputTensor, into: Any = None) -> tuple[Any, Any]:
         target, base, instruct = pieces
-        return apply([target, instruct.sub_(base)], out, into)
+        return apply([target, _xp(base).subtract(instruct, base, out=instruct)], out, into)
 
     merge.scale = scale
     return merge
 
 
 def reconstruction_check(
-    raw: list[torch.Tensor],
-    work: list[torch.Tensor],
-    stored: torch.Tensor,
-    out: OutputTensor,
-    scratch: torch.Tensor,
+    raw: list[np.ndarray], work: list[Any], stored: np.ndarray, out: OutputTensor, arithmetic: _HostMath
 ) -> tuple[int, float]:
     """For compute: does base + stored residual give back instruct, bit for bit, in instruct's own dtype?
 
-    `raw` holds the inputs as read (own dtypes); `work[0]` still holds the base in float32
-    (`residual_of` never overwrites it) and is reused for the sum, which is rounded into
-    `scratch` (the instruct's dtype): no fresh memory per piece.
+    `raw` holds the inputs as read; `work[0]` still holds the base in float32 (`residual_of` never
+    overwrites it) and is reused for the sum, which is rounded into a reused buffer of the
+    instruct's dtype: no fresh memory per piece.
     """
-    instruct = raw[1]
-    rebuilt = scratch.copy_(work[0].add_(stored.to(work[0].device)))
-    if _same_bits(rebuilt, instruct):
+    source, name = out.operands[1]
+    instruct, instruct_dtype = raw[1], source.tensors[name].dtype
+    residual = (
+        stored
+        if (out.dtype == FLOAT32 and isinstance(work[0], np.ndarray))
+        else (arithmetic.load(("stored",), stored, out.dtype, FLOAT32))
+    )
+    base = work[0]
+    summed = _xp(base).add(base, residual, out=base)
+    rebuilt = arithmetic.store(
+        summed, arithmetic.host_buffer(("rebuilt",), instruct_dtype, stored.size), instruct_dtype
+    )
+    if same_bits(rebuilt, instruct).all():
         return 0, 0.0
-    instruct = instruct.to(rebuilt.device)
-    wrong = rebuilt != instruct
-    errors = (rebuilt.float() - instruct.float())[wrong].abs()
-    return int(wrong.count_nonzero()), float(errors.max()) if errors.numel() else 0.0
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality; on the CPU through numpy, which compares 10× faster than torch.equal here."""
-    if a.device.type != "cpu" or b.device.type != "cpu":
-        return torch.equal(a, b.to(a.device))
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return bool((a.view(as_int).numpy() == b.view(as_int).numpy()).all())
+    got = to_float32(rebuilt, instruct_dtype, np.empty(rebuilt.size, np.float32))
+    wanted = to_float32(instruct, instruct_dtype, np.empty(instruct.size, np.float32))
+    wrong = got != wanted
+    errors = np.abs(got[wrong] - wanted[wrong])
+    return int(np.count_nonzero(wrong)), float(errors.max()) if errors.size else 0.0
 
 
 def describe_stats(stats: dict[str, TensorStats]) -> dict[str, Any]:

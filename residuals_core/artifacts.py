@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import arithmetic, card, stats
-from .checkpoint import Checkpoint, TensorInfo, dtype_name, read_json
+from .checkpoint import Checkpoint, TensorInfo, read_json
 from .config import ResidualsConfig, build_config, shapes_hash
+from .dtypes import DType, dtype_name
 from .errors import ResidualsError
 from .hub import HUB_PREFIX, is_hub_id
 from .manifest import read_manifest, write_manifest
@@ -199,7 +198,7 @@ def write_model_files(
     target: Checkpoint,
     tokenizer: TokenizerChoice,
     generation_config: Path | None,
-    out_dtype: torch.dtype | None,
+    out_dtype: DType | None,
     lineage: dict[str, str | None],
     scale: float,
     license: str | None,
@@ -260,7 +259,7 @@ def stored_dtypes(plan: arithmetic.Plan) -> str:
     return ", ".join(names) or "n/a"
 
 
-def merged_model_config(target: Checkpoint, plan: arithmetic.Plan, out_dtype: torch.dtype | None) -> dict:
+def merged_model_config(target: Checkpoint, plan: arithmetic.Plan, out_dtype: DType | None) -> dict:
     config = dict(target.config or {})
     if not config:
         raise ResidualsError(

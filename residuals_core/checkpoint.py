@@ -19,27 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from .dtypes import BY_CODE, DType, dtype_from_name, from_torch
 from .errors import ResidualsError
 from .sources import DEFAULT_READ_AHEAD_BYTES, ByteReader, HubFile, HubLocation, LocalFile
-
-# safetensors dtype codes <-> torch dtypes
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -47,43 +31,12 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 HEADER_PROBE_BYTES = 256 * 1024  # one ranged read usually holds a Hub file's whole header
 
 
-def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
-    """Accept torch dtypes and the spellings people type: 'bf16', 'bfloat16', 'torch.float16', 'F32'."""
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).strip().lower().removeprefix("torch.")
-    aliases = {
-        "fp32": "float32",
-        "f32": "float32",
-        "float": "float32",
-        "fp16": "float16",
-        "f16": "float16",
-        "half": "float16",
-        "bf16": "bfloat16",
-        "fp64": "float64",
-        "f64": "float64",
-        "double": "float64",
-    }
-    key = aliases.get(key, key)
-    dtype = getattr(torch, key, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ResidualsError(
-            f"Unknown dtype {name!r}.",
-            "Use one of float32, bfloat16 or float16 (or a torch.dtype).",
-        )
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives and what it is; `file` (a file name of its checkpoint) is None in memory."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     file: str | None = None
     offset: int = 0  # absolute byte offset of the data in `file`
@@ -236,7 +189,7 @@ def parse_header(raw: bytes, file_size: int, label: str, file: str) -> dict[str,
         if not isinstance(entry, dict):
             raise corrupt(f"the entry of tensor {name!r} is not an object")
         code = entry.get("dtype")
-        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in BY_CODE:
             raise ResidualsError(
                 f"{label}: tensor {name!r} has dtype {code!r}, which this tool does not handle.",
                 "Convert the checkpoint to float32/bfloat16/float16 safetensors first.",
@@ -247,7 +200,7 @@ def parse_header(raw: bytes, file_size: int, label: str, file: str) -> dict[str,
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
             raise corrupt(f"tensor {name!r} has data_offsets {offsets!r} (two non-negative integers needed)")
         begin, end = offsets
-        info = TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(shape), file, data_start + begin)
+        info = TensorInfo(name, BY_CODE[code], tuple(shape), file, data_start + begin)
         if end < begin or end - begin != info.nbytes:
             raise corrupt(
                 f"tensor {name!r} spans bytes {begin}-{end} but its shape {shape} and dtype {code} need {info.nbytes}"
@@ -300,13 +253,15 @@ class TensorSource:
     label: str
     vocab_size: int | None = None  # the model's vocabulary rows, when known (config or instance)
 
-    def read_elements(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Elements [start, stop) of a tensor in its flat (row-major) order, into `out` when given."""
+    def read_elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements [start, stop) of a tensor in its flat (row-major) order, into `out` when given.
+
+        Elements come as stored (numpy arrays of the dtype's `storage`: bfloat16 as uint16 bits);
+        `dtypes.to_torch` hands them to torch without a copy.
+        """
         raise NotImplementedError
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> np.ndarray:
         info = self.tensors[name]
         return self.read_elements(name, 0, info.numel).reshape(info.shape)
 
@@ -454,15 +409,14 @@ class Checkpoint(TensorSource):
         info = self.tensors[name]
         return (self._order[info.file], info.offset)
 
-    def read_elements(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def read_elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         info = self.tensors[name]
         count = stop - start
-        out = torch.empty(count, dtype=info.dtype) if out is None else out[:count]
+        out = np.empty(count, dtype=info.dtype.numpy) if out is None else out[:count]
         if count > 0:
-            view = memoryview(out.view(torch.uint8).numpy())
-            self.readers[info.file].read_into(info.offset + start * info.dtype.itemsize, view)
+            self.readers[info.file].read_into(
+                info.offset + start * info.dtype.itemsize, memoryview(out.view(np.uint8))
+            )
         return out
 
     def read_only(self, names: set[str]) -> None:
@@ -493,11 +447,13 @@ class PickleCheckpoint(Checkpoint):
         self.readers = {}
         self.config = config
         self.remote = False
-        self._state: dict[str, torch.Tensor] = {}
+        import torch
+
+        self._state: dict[str, Any] = {}
         for file in files:
             self._state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
         self.tensors = {
-            name: TensorInfo(name, t.dtype, tuple(t.shape))
+            name: TensorInfo(name, dtype_from_name(t.dtype), tuple(t.shape))
             for name, t in self._state.items()
             if isinstance(t, torch.Tensor)
         }
@@ -505,9 +461,7 @@ class PickleCheckpoint(Checkpoint):
     def position(self, name: str) -> tuple[int, int]:
         return (0, 0)
 
-    def read_elements(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def read_elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         return _elements_of(self._state[name], start, stop)
 
 
@@ -519,13 +473,13 @@ class StateDictSource(TensorSource):
     """
 
     def __init__(
-        self, state: Mapping[str, torch.Tensor], label: str = "model instance", vocab_size: int | None = None
+        self, state: Mapping[str, Any], label: str = "model instance", vocab_size: int | None = None
     ):
         self.label = label
         self.vocab_size = vocab_size
-        self._state: dict[str, torch.Tensor] = {}
+        self._state: dict[str, Any] = {}  # torch tensors
         self.aliases: dict[str, str] = {}  # dropped tied name -> kept name
-        seen: dict[tuple[int, int, tuple, torch.dtype], str] = {}
+        seen: dict[tuple, str] = {}
         for name, tensor in state.items():
             key = (
                 tensor.untyped_storage().data_ptr(),
@@ -538,16 +492,17 @@ class StateDictSource(TensorSource):
                 continue
             seen[key] = name
             self._state[name] = tensor
-        self.tensors = {n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in self._state.items()}
+        self.tensors = {
+            n: TensorInfo(n, dtype_from_name(t.dtype), tuple(t.shape)) for n, t in self._state.items()
+        }
 
-    def read_elements(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def read_elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         return _elements_of(self._state[name], start, stop)
 
 
-def _elements_of(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return tensor.detach().reshape(-1)[start:stop].cpu()
+def _elements_of(tensor: Any, start: int, stop: int) -> np.ndarray:
+    """Elements of a torch tensor (on any device) as a host array of its storage type."""
+    return from_torch(tensor.detach().reshape(-1)[start:stop])
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

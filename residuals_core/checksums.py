@@ -1,8 +1,8 @@
 """Checksums of files: running digests while writing, whole-file digests, and checks started early.
 
-Torch-free on purpose: the command line starts checking a residuals folder against its manifest
-while torch is still being imported (about a second in which the second core would sit idle), and
-the engine's check then takes that result instead of reading the files again.
+Light on purpose: the command line starts checking a residuals folder against its manifest before
+the engine's modules are even imported, on the otherwise idle second core, and the engine's check
+then takes that result instead of reading the files again.
 """
 
 from __future__ import annotations

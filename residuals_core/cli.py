@@ -536,7 +536,7 @@ def run(argv: list[str] | None = None) -> int:
     """Parse and run one command; a user's mistake or a machine fault raises ResidualsError."""
     args = build_parser().parse_args(argv)
     _start_early(args)
-    from . import operations  # torch: imported once the command is known
+    from . import operations  # the engine's modules: imported once the command is known
 
     progress = _TqdmProgress(args.command, enabled=not getattr(args, "quiet", True))
     if args.command == "inspect":
@@ -590,8 +590,9 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _start_early(args: argparse.Namespace) -> None:
-    """While torch loads (a second in which the disk and the second core would idle): the kernel starts
-    reading the local inputs, and apply starts checking its residuals against their manifest."""
+    """Before the engine's modules load and the plan is made (time in which the disk and the second core
+    would idle): the kernel starts reading the local inputs, and apply starts checking its residuals
+    against their manifest."""
     if args.command not in ("compute", "apply", "merge", "sparsify"):
         return
     from .sources import prefetch_local_inputs

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from .checkpoint import TensorInfo, dtype_name
+from .checkpoint import TensorInfo
+from .dtypes import dtype_name
 
 FORMAT_VERSION = "1.0"
 DEFAULT_TAGS = ["residuals", "delta", "task-arithmetic", "finetune"]

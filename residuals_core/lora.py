@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import TensorSource
+from .dtypes import FLOAT32, to_float32, to_torch
 from .errors import ResidualsError
 
 # the projections LoRA adapts: Llama / Mistral / Qwen style (nn.Linear, weight out × in) and GPT-2's Conv1D
@@ -173,7 +175,7 @@ def extract_lora(
             progress(index, len(names), name)
         info = residuals.tensors[name]
         report.residual_bytes += info.nbytes
-        delta = residuals.read(name).float()
+        delta = to_torch(residuals.read(name), info.dtype).float()
         if name not in targets:
             if info.dtype.is_floating_point:
                 report.left_out[name] = float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
@@ -233,17 +235,19 @@ class DifferenceSource(TensorSource):
             )
         # tensors whose shapes differ (vocabulary rows) are left out of an adapter anyway
         self.tensors = {
-            n: info.__class__(n, torch.float32, info.shape)
+            n: info.__class__(n, FLOAT32, info.shape)
             for n, info in instruct.tensors.items()
             if base.tensors[n].shape == info.shape
         }
 
-    def read_elements(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        difference = self.instruct.read_elements(name, start, stop).float()
-        difference -= self.base.read_elements(name, start, stop).float()
-        return difference if out is None else out[: stop - start].copy_(difference)
+    def read_elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        difference = np.empty(stop - start, np.float32) if out is None else out[: stop - start]
+        to_float32(
+            self.instruct.read_elements(name, start, stop), self.instruct.tensors[name].dtype, difference
+        )
+        base = self.base.read_elements(name, start, stop)
+        difference -= to_float32(base, self.base.tensors[name].dtype, np.empty(stop - start, np.float32))
+        return difference
 
     def finish(self) -> None:
         self.base.finish()
@@ -366,7 +370,7 @@ def preview_lora(
         residual_bytes += info.nbytes
         if not info.dtype.is_floating_point:
             continue
-        delta = residuals.read(name).float()
+        delta = to_torch(residuals.read(name), info.dtype).float()
         total = float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
         kept = 0.0
         if adapted_module(name, embeddings=embeddings) and delta.dim() == 2:

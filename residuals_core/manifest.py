@@ -49,7 +49,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def check_files_early(folder: str | Path) -> None:
     """Start checking a local residuals folder's files against its manifest before the engine needs it
-    (the command line does while torch loads); `ManifestCheck` then takes the result."""
+    (the command line does before the engine loads); `ManifestCheck` then takes the result."""
     check_early(folder, MANIFEST_NAME)
 
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import arithmetic, card, hub, stats
 from .artifacts import (
     Result,
@@ -32,8 +30,9 @@ from .artifacts import (
     write_model_files,
     write_residuals_files,
 )
-from .checkpoint import Checkpoint, TensorInfo, TensorSource, dtype_from_name, read_json
+from .checkpoint import Checkpoint, TensorInfo, TensorSource, read_json
 from .config import ResidualsConfig, shapes_hash
+from .dtypes import DType, dtype_from_name
 from .errors import ResidualsError, reports_os_errors
 from .manifest import MANIFEST_NAME, ManifestCheck, read_manifest
 from .options import Options, make_options
@@ -170,7 +169,7 @@ def open_residuals(
     return opened
 
 
-def _float_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def _float_dtype(dtype: str | Any | None) -> DType | None:
     if dtype is None:
         return None
     resolved = dtype_from_name(dtype)
@@ -181,7 +180,7 @@ def _float_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return resolved
 
 
-def _cast_floats(dtype: torch.dtype | None) -> Callable[[TensorInfo], torch.dtype]:
+def _cast_floats(dtype: DType | None) -> Callable[[TensorInfo], DType]:
     return lambda info: dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
 
 
@@ -196,7 +195,7 @@ def plan_difference(
     instruct: TensorSource,
     *,
     target: TensorSource | None = None,
-    out_dtype: torch.dtype | None,
+    out_dtype: DType | None,
     normalize_embeddings: bool,
     tokenizer_length: int | None,
     tokenizer_label: str = "the instruct tokenizer",
@@ -220,7 +219,7 @@ def _plan_apply(
     target: Checkpoint,
     opened: ResidualsFolder,
     *,
-    out_dtype: torch.dtype | None,
+    out_dtype: DType | None,
     normalize_embeddings: bool,
     tokenizer_length: int | None,
     tokenizer_label: str = "the residuals' tokenizer",
@@ -406,7 +405,7 @@ def compute_residuals(
     instruct: str | os.PathLike | Checkpoint,
     out_dir: str | os.PathLike | None = None,
     *,
-    dtype: str | torch.dtype = torch.float32,
+    dtype: str | Any = "float32",
     normalize_embeddings: bool = True,
     instruct_tokenizer: Any = None,
     instruct_tokenizer_name: str | None = None,
@@ -493,7 +492,7 @@ def apply_residuals(
     out_dir: str | os.PathLike | None = None,
     *,
     scale: float = 1.0,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | Any | None = None,
     normalize_embeddings: bool = True,
     options: Options | None = None,
     **option_overrides: Any,
@@ -560,7 +559,7 @@ def merge_models(
     out_dir: str | os.PathLike | None = None,
     *,
     scale: float = 1.0,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | Any | None = None,
     normalize_embeddings: bool = True,
     instruct_tokenizer: Any = None,
     instruct_tokenizer_name: str | None = None,
@@ -626,7 +625,7 @@ def _merge_into(
     target: Checkpoint,
     tokenizer: TokenizerChoice,
     generation_config: Path,
-    out_dtype: torch.dtype | None,
+    out_dtype: DType | None,
     lineage: dict[str, str | None],
     scale: float,
     license: str | None,
@@ -695,7 +694,7 @@ def check_compatibility(
     *,
     target: str | os.PathLike | None = None,
     normalize_embeddings: bool = True,
-    dtype: str | torch.dtype = torch.float32,
+    dtype: str | Any = "float32",
     options: Options | None = None,
     **option_overrides: Any,
 ) -> dict[str, Any]:

@@ -21,8 +21,9 @@ import torch
 
 from . import arithmetic, hub, operations
 from .artifacts import TokenizerChoice, instruct_tokenizer_choice, write_residuals_files
-from .checkpoint import Checkpoint, StateDictSource, TensorSource, dtype_from_name, dtype_name
+from .checkpoint import Checkpoint, StateDictSource, TensorSource
 from .config import ResidualsConfig, build_config
+from .dtypes import FLOAT32, DType, dtype_from_name, dtype_name, to_torch
 from .errors import ResidualsError, reports_os_errors
 from .options import DEFAULT_MAX_SHARD_SIZE, Options, make_options
 from .sinks import FolderSink
@@ -41,17 +42,18 @@ ModelLike = Any  # a transformers PreTrainedModel, a local path or a Hub id
 class LazyStateDict(Mapping):
     """name -> tensor, read from the residuals files only when asked (one tensor at a time)."""
 
-    def __init__(self, source: TensorSource, device=None, dtype: torch.dtype | None = None):
+    def __init__(self, source: TensorSource, device=None, dtype: DType | None = None):
         self._source = source
         self._device = device
         self._dtype = dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._source.tensors:
+        info = self._source.tensors.get(name)
+        if info is None:
             raise KeyError(name)
-        tensor = self._source.read(name).clone()
-        cast = self._dtype if (self._dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
-        return tensor.to(device=self._device or "cpu", dtype=cast)
+        tensor = to_torch(self._source.read(name), info.dtype).clone()  # a tensor of its own
+        cast = self._dtype if (self._dtype is not None and info.dtype.is_floating_point) else info.dtype
+        return tensor.to(device=self._device or "cpu", dtype=cast.torch)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._source.tensors)
@@ -111,7 +113,7 @@ class Residuals:
         self._tokenizer = instruct_tokenizer
         self._folder: Path | None = None  # file-backed residuals
         self._pending: dict[str, Any] | None = None  # lazy compute from two checkpoints
-        self._cast: tuple[Any, torch.dtype | None] = (None, None)
+        self._cast: tuple[Any, DType | None] = (None, None)
         self._stats: dict[str, Any] = {}
         self._temp_holder: Any = None  # keeps a temporary folder alive while this object lives
         self._checkpoint: Checkpoint | None = None  # file-backed residuals, local or on the Hub
@@ -441,7 +443,7 @@ class Residuals:
             new._memory = {
                 k: v.to(
                     device=device if device is not None else v.device,
-                    dtype=dtype if (dtype is not None and v.dtype.is_floating_point) else v.dtype,
+                    dtype=dtype.torch if (dtype is not None and v.dtype.is_floating_point) else v.dtype,
                 )
                 for k, v in self._memory.items()
             }
@@ -453,7 +455,7 @@ class Residuals:
             new._cast = (device if device is not None else self._cast[0], dtype or self._cast[1])
         if dtype is not None:
             new.config.dtype = dtype_name(dtype)
-            if new._stats.get("reconstruction") and dtype != torch.float32:
+            if new._stats.get("reconstruction") and dtype != FLOAT32:
                 new._stats.pop("reconstruction")
         return new
 
@@ -510,7 +512,7 @@ class Residuals:
             folder = hub.resolve_model_folder(base_model, token=token)
             operations.open_model(str(folder), role="base").close()  # the same early checks as streaming
             base_model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype_from_name(model_dtype) if model_dtype else torch.float32
+                str(folder), dtype=dtype_from_name(model_dtype).torch if model_dtype else torch.float32
             )
             if base_model_device not in (None, "cpu"):
                 base_model = base_model.to(base_model_device)
@@ -540,7 +542,7 @@ class Residuals:
     def _apply_streaming(self, target: Any, out_dir: Any, **kwargs) -> Path:
         """One apply path for paths and ids: the very folder compute-then-apply would give."""
         job = self._pending
-        if job is not None and (self._cast[1] or job["dtype"]) == torch.float32:
+        if job is not None and (self._cast[1] or job["dtype"]) == FLOAT32:
             # float32 residuals need not be stored: the one-pass merge computes the very same numbers,
             # with the same instruct tokenizer deciding the vocabulary rows and the tokenizer shipped
             return operations.merge_models(

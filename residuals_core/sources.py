@@ -128,7 +128,7 @@ def prefetch_local_inputs(
     folders: list[str | os.PathLike | None], length: int = EARLY_PREFETCH_BYTES
 ) -> None:
     """Ask for the head of each local input folder's first weight file: the command line calls this
-    before importing torch, which leaves the disk idle for a second otherwise."""
+    before it imports the engine and plans, while the disk would idle otherwise."""
     for folder in folders:
         try:
             first = min(

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 
 from .checkpoint import TensorSource, element_ranges
+from .dtypes import FLOAT32, to_torch
 from .errors import ResidualsError
 
 DARE_BLOCK = 1 << 20  # elements per random block: the unit of reproducibility
@@ -54,15 +56,17 @@ class DareSource(_View):
         super().__init__(source)
         self.drop, self.seed = drop, seed
 
-    def read_elements(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def read_elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         piece = self.source.read_elements(name, start, stop, out)
-        if self.drop == 0 or not piece.dtype.is_floating_point or stop <= start:
+        dtype = self.tensors[name].dtype
+        if self.drop == 0 or not dtype.is_floating_point or stop <= start:
             return piece
         keep = self._keep_mask(name, start, stop)
-        scaled = piece.float().mul_(keep).mul_(1 / (1 - self.drop))
-        return piece.copy_(scaled) if piece.dtype != torch.float32 else scaled
+        values = to_torch(piece, dtype)
+        scaled = values.float().mul_(keep).mul_(1 / (1 - self.drop))  # in place when float32
+        if dtype != FLOAT32:
+            values.copy_(scaled)
+        return piece
 
     def _keep_mask(self, name: str, start: int, stop: int) -> torch.Tensor:
         parts = []
@@ -93,18 +97,20 @@ class TrimmedSource(_View):
             self._thresholds[name] = self._find_threshold(name)
         return self._thresholds[name]
 
-    def read_elements(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def read_elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         piece = self.source.read_elements(name, start, stop, out)
-        if self.keep == 1 or not piece.dtype.is_floating_point:
+        dtype = self.tensors[name].dtype
+        if self.keep == 1 or not dtype.is_floating_point:
             return piece
-        return piece.masked_fill_(piece.float().abs() < self.threshold(name), 0)
+        values = to_torch(piece, dtype)
+        values.masked_fill_(values.float().abs() < self.threshold(name), 0)
+        return piece
 
     def _scan(self, name: str):
-        numel = self.tensors[name].numel
-        for start, stop in element_ranges(numel, SCAN_PIECE_BYTES):
-            yield self.source.read_elements(name, start, stop).float().abs().view(torch.int32)
+        info = self.tensors[name]
+        for start, stop in element_ranges(info.numel, SCAN_PIECE_BYTES):
+            raw = self.source.read_elements(name, start, stop)
+            yield to_torch(raw, info.dtype).float().abs().view(torch.int32)
 
     def _find_threshold(self, name: str) -> float:
         numel = self.tensors[name].numel

@@ -36,7 +36,8 @@ BRANCH_PREFIX = "residuals-run-"
 def plan_fingerprint(split: ShardPlan, specs: dict[str, Any]) -> str:
     """What every share must agree on: each file's name and its tensors' names, dtypes and shapes."""
     layout = [
-        [name, [[t, str(specs[t].dtype), list(specs[t].shape)] for t in tensors]]
+        # dtypes spelled "torch.<name>" as before: shares planned by an earlier version still agree
+        [name, [[t, f"torch.{specs[t].dtype.name}", list(specs[t].shape)] for t in tensors]]
         for name, tensors in split.files
     ]
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()

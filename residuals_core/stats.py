@@ -12,9 +12,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
+import numpy as np
 
 from .checkpoint import TensorSource, element_ranges
+from .dtypes import as_float64
 
 Progress = Callable[[int, int, str], None]
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)\.")
@@ -114,8 +115,8 @@ def tensor_norms(
         norm_sq = 0.0
         if info.numel and info.dtype.is_floating_point:
             for start, stop in element_ranges(info.numel, piece_bytes):
-                piece = source.read_elements(name, start, stop).to(torch.float64)
-                norm_sq += float(torch.sum(piece * piece))
+                piece = as_float64(source.read_elements(name, start, stop), info.dtype)
+                norm_sq += float(np.dot(piece, piece))
         result[name] = {"numel": info.numel, "norm": math.sqrt(norm_sq), "reference_norm": 0.0}
         if progress is not None:
             progress(done, len(source.tensors), name)
@@ -162,11 +163,11 @@ def cosine_by_layer(
             continue
         row = acc.setdefault(layer_label(name), [0.0, 0.0, 0.0])
         for start, stop in element_ranges(info.numel, piece_bytes):
-            x = a.read_elements(name, start, stop).to(torch.float64)
-            y = b.read_elements(name, start, stop).to(torch.float64)
-            row[0] += float(torch.dot(x, y))
-            row[1] += float(torch.dot(x, x))
-            row[2] += float(torch.dot(y, y))
+            x = as_float64(a.read_elements(name, start, stop), info.dtype)
+            y = as_float64(b.read_elements(name, start, stop), other.dtype)
+            row[0] += float(np.dot(x, y))
+            row[1] += float(np.dot(x, x))
+            row[2] += float(np.dot(y, y))
     out = []
     for label, (xy, xx, yy) in acc.items():
         denom = math.sqrt(xx * yy)

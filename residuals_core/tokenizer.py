@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ResidualsError
+
+if TYPE_CHECKING:  # the folder functions run without torch
+    import torch
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -103,6 +105,8 @@ def grow_embeddings(model: torch.nn.Module, rows: int) -> torch.nn.Module:
 
     transformers mean-initialises new rows; zeros keep them from contaminating the residual.
     """
+    import torch
+
     current = model.get_input_embeddings().weight.shape[0]
     if rows <= current:
         return model

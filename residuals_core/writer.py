@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
-from .checkpoint import TORCH_TO_SAFETENSORS, TensorInfo
+from .checkpoint import TensorInfo
 from .checksums import Checksums, file_digest
+from .dtypes import DType
 from .options import DEFAULT_MAX_SHARD_SIZE
 
 IO_ALIGN = 4096  # O_DIRECT needs aligned memory, offsets and lengths
@@ -37,10 +38,10 @@ class _Block:
     """An aligned staging area for the next bytes of one output file (O_DIRECT needs aligned memory)."""
 
     def __init__(self, capacity: int):
-        self._storage = torch.empty(capacity + IO_ALIGN, dtype=torch.uint8)
-        offset = -self._storage.data_ptr() % IO_ALIGN
-        self.bytes = self._storage[offset : offset + capacity]
-        self.array = self.bytes.numpy()
+        storage = np.empty(capacity + IO_ALIGN, dtype=np.uint8)
+        offset = -_address(storage) % IO_ALIGN
+        self.array = storage[offset : offset + capacity]
+        self.address = _address(self.array)
         self.fill = 0
 
     def view(self, start: int, stop: int) -> memoryview:
@@ -62,6 +63,10 @@ class _OutputFile:
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
 
 
 def _open_for_writing(path: Path, direct_io: bool) -> tuple[int, bool]:
@@ -151,8 +156,8 @@ class ShardWriter:
         return sum(s.nbytes for s in self._specs.values())
 
     # ---- the caller's side -----------------------------------------------------------------------
-    def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
-        """A flat tensor to fill with the next piece: its bytes already sit where the file needs them.
+    def buffer(self, dtype: DType, count: int) -> np.ndarray:
+        """A flat array to fill with the next piece: its bytes already sit where the file needs them.
 
         One at a time: pass it to the next `write()` before asking for another.
         """
@@ -163,10 +168,11 @@ class ShardWriter:
             self._flush_block()
         start = self._block.fill
         if start + nbytes > BLOCK_CAPACITY or start % dtype.itemsize:
-            return torch.empty(count, dtype=dtype)  # larger than a block, or misaligned: copied in write()
-        return self._block.bytes[start : start + nbytes].view(dtype)
+            return np.empty(count, dtype=dtype.numpy)  # larger than a block, or misaligned: copied in write()
+        return self._block.array[start : start + nbytes].view(dtype.numpy)
 
-    def write(self, name: str, piece: torch.Tensor) -> None:
+    def write(self, name: str, piece: np.ndarray) -> None:
+        """The next piece of tensor `name` (elements as stored: `dtypes` explains bfloat16's uint16)."""
         self._check_background()
         self._start_tensor_if_needed()
         if self._remaining == 0:
@@ -175,17 +181,19 @@ class ShardWriter:
                 raise RuntimeError(f"tensors written out of order: got {name!r}, expected {expected!r}")
             self._remaining = self._specs[name].nbytes
         spec = self._specs[name]
-        if piece.dtype != spec.dtype:
-            raise RuntimeError(f"{name}: piece dtype {piece.dtype} != planned {spec.dtype}")
-        nbytes = piece.numel() * piece.element_size()
+        if piece.dtype != spec.dtype.numpy:
+            raise RuntimeError(
+                f"{name}: piece of {piece.dtype} != planned {spec.dtype} (stored as {spec.dtype.numpy})"
+            )
+        nbytes = piece.nbytes
         if nbytes > self._remaining:
             raise RuntimeError(f"{name}: more data than its shape holds")
         block = self._block
-        in_place = nbytes and piece.data_ptr() == block.bytes.data_ptr() + block.fill
-        if in_place and piece.is_contiguous() and block.fill + nbytes <= BLOCK_CAPACITY:
+        in_place = nbytes and _address(piece) == block.address + block.fill
+        if in_place and piece.flags.c_contiguous and block.fill + nbytes <= BLOCK_CAPACITY:
             block.fill += nbytes
         else:
-            self._append(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._append(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
         self._remaining -= nbytes
         if self._block.fill >= FLUSH_BYTES:
             self._flush_block()
@@ -232,7 +240,7 @@ class ShardWriter:
         for name in names:
             spec = self._specs[name]
             header[name] = {
-                "dtype": TORCH_TO_SAFETENSORS[spec.dtype],
+                "dtype": spec.dtype.code,
                 "shape": list(spec.shape),
                 "data_offsets": [offset, offset + spec.nbytes],
             }

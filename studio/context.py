@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from residuals_core import operations
-from residuals_core.checkpoint import dtype_from_name
+from residuals_core.dtypes import dtype_from_name
 from residuals_core.errors import Cancelled
 from residuals_core.lora import svd_work
 from residuals_core.options import Options

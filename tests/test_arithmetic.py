@@ -5,6 +5,7 @@ import torch
 
 from residuals_core.arithmetic import plan_tensors
 from residuals_core.checkpoint import StateDictSource
+from residuals_core.dtypes import BFLOAT16
 from residuals_core.errors import ResidualsError
 
 
@@ -60,7 +61,7 @@ def test_a_tokenizer_that_would_grow_the_vocabulary_absurdly_is_refused():
 def test_the_output_dtype_is_chosen_per_tensor():
     plan = plan_tensors([("base", source("b")), ("instruct", source("i"))], out_dtype=lambda info: torch.bfloat16,
                         normalize_embeddings=True)  # fmt: skip
-    assert {o.dtype for o in plan.outputs} == {torch.bfloat16}
+    assert {o.dtype for o in plan.outputs} == {BFLOAT16}
 
 
 @pytest.mark.parametrize(

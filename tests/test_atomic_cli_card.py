@@ -58,15 +58,17 @@ def test_shard_writer_fills_pieces_in_place_through_a_few_blocks(tmp_path):
     from safetensors.torch import load_file
 
     from residuals_core.checkpoint import TensorInfo
+    from residuals_core.dtypes import FLOAT32
     from residuals_core.writer import BLOCKS_IN_FLIGHT, ShardWriter
 
     expected = torch.arange(200 * 64 * 64, dtype=torch.float32).reshape(200 * 64, 64)
-    writer = ShardWriter(tmp_path, [TensorInfo("w", torch.float32, (200 * 64, 64))])
+    writer = ShardWriter(tmp_path, [TensorInfo("w", FLOAT32, (200 * 64, 64))])
     appended = []
     real_append = writer._append
     writer._append = lambda data: (appended.append(len(memoryview(data))), real_append(data))
     for rows in expected.split(256):  # 64 KB pieces, 3.2 MB in all
-        piece = writer.buffer(torch.float32, rows.numel()).copy_(rows.reshape(-1))
+        piece = writer.buffer(FLOAT32, rows.numel())
+        piece[:] = rows.reshape(-1).numpy()
         writer.write("w", piece)
     manifest = writer.close()
     assert writer._blocks_made <= BLOCKS_IN_FLIGHT
@@ -81,6 +83,7 @@ def test_shard_writer_odd_sizes_and_shards_match_save_file(tmp_path, direct):
     from safetensors.torch import load_file
 
     from residuals_core.checkpoint import TensorInfo
+    from residuals_core.dtypes import dtype_from_name, from_torch
     from residuals_core.writer import BLOCK_CAPACITY, ShardWriter
 
     gen = torch.Generator().manual_seed(0)
@@ -93,18 +96,20 @@ def test_shard_writer_odd_sizes_and_shards_match_save_file(tmp_path, direct):
     }
     writer = ShardWriter(
         tmp_path,
-        [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+        [TensorInfo(n, dtype_from_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()],
         max_shard_size="4MB",
         direct_io=direct,
     )
     for name in writer.order:
         flat = tensors[name].reshape(-1)
         for start in range(0, max(flat.numel(), 1), 700_000):
-            chunk = flat[start : start + 700_000]
+            chunk = from_torch(flat[start : start + 700_000])
             if name == "e.i64":
-                writer.write(name, chunk)  # a caller's own tensor: copied in
+                writer.write(name, chunk)  # a caller's own array: copied in
             else:
-                writer.write(name, writer.buffer(chunk.dtype, chunk.numel()).copy_(chunk))
+                piece = writer.buffer(dtype_from_name(tensors[name].dtype), chunk.size)
+                piece[:] = chunk
+                writer.write(name, piece)
     manifest = writer.close()
     assert writer.split.is_sharded
     loaded = {}
@@ -132,9 +137,13 @@ def test_shard_writer_falls_back_when_direct_writes_are_refused(tmp_path, monkey
         return real_write(fd, data)
 
     monkeypatch.setattr(writer_module.os, "write", picky_write)
+    from residuals_core.dtypes import FLOAT32
+
     tensor = torch.randn(5000, 3)
-    writer = writer_module.ShardWriter(tmp_path, [TensorInfo("w", torch.float32, (5000, 3))])
-    writer.write("w", writer.buffer(torch.float32, tensor.numel()).copy_(tensor.reshape(-1)))
+    writer = writer_module.ShardWriter(tmp_path, [TensorInfo("w", FLOAT32, (5000, 3))])
+    piece = writer.buffer(FLOAT32, tensor.numel())
+    piece[:] = tensor.reshape(-1).numpy()
+    writer.write("w", piece)
     writer.close()
     assert refused  # O_DIRECT was really tried first
     assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], tensor)

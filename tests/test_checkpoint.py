@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from residuals_core.checkpoint import INDEX_NAME, parse_header, select_weight_files
+from residuals_core.dtypes import BFLOAT16, FLOAT32
 from residuals_core.errors import ResidualsError
 
 
@@ -23,8 +23,8 @@ def test_a_valid_header_gives_each_tensor_its_dtype_shape_and_file_offset():
     raw, size = header({"a": ("F32", [2, 3], [0, 24]), "b": ("BF16", [4], [24, 32])}, 32,
                        __metadata__={"format": "pt"})  # fmt: skip
     tensors = parse_header(raw, size, "m", "model.safetensors")
-    assert tensors["a"].dtype == torch.float32 and tensors["a"].shape == (2, 3) and tensors["a"].nbytes == 24
-    assert tensors["b"].dtype == torch.bfloat16 and tensors["b"].offset == 8 + len(raw) + 24
+    assert tensors["a"].dtype == FLOAT32 and tensors["a"].shape == (2, 3) and tensors["a"].nbytes == 24
+    assert tensors["b"].dtype == BFLOAT16 and tensors["b"].offset == 8 + len(raw) + 24
     assert {t.file for t in tensors.values()} == {"model.safetensors"}
 
 
