@@ -2,6 +2,8 @@
 
     python bench/run.py                       # ~0.25B and ~1B Llama pairs, bf16, sharded
     python bench/run.py --sizes 0.05 --repeat 1
+    python bench/run.py --sizes 2.0 --skip residuals mergekit   # ~2B: ours and the floor (the baselines'
+                                              # in-memory compute does not fit 24 GiB there)
     python bench/run.py --hub --sizes 1.0 --link 200MB   # Hub ids in, --push-to out, over a limited link
     python bench/run.py --hub --jobs 1 2 4 8 --sizes 0.25 --link 20MB --max-shard-size 32MB
                                               # a merge split over N Jobs, each with a link of its own
@@ -129,7 +131,7 @@ for role, seed, scale in (("base", 0, 0.0), ("instruct", 1, 1e-3), ("target", 2,
 print(sum(s.numel() for s in shapes.values()))
 """
 
-SHAPES = {0.05: (512, 8, 32000), 0.25: (1024, 16, 32000), 1.0: (2048, 16, 32000)}
+SHAPES = {0.05: (512, 8, 32000), 0.25: (1024, 16, 32000), 1.0: (2048, 16, 32000), 2.0: (2560, 24, 32000)}
 
 
 def make_family(folder: Path, size: float) -> int:
