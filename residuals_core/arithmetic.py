@@ -293,7 +293,8 @@ class DictSink:
         result = {}
         for name, pieces in self._pieces.items():
             out = self._outputs[name]
-            result[name] = to_torch(np.concatenate(pieces), out.dtype).reshape(out.shape)
+            values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)  # one piece: no copy
+            result[name] = to_torch(values, out.dtype).reshape(out.shape)
         return result
 
 
@@ -523,14 +524,14 @@ def execute(
     actually added for apply and merge). The result must be the delta, or the reference operand
     plus the delta: their norms then prove most pieces finite without another pass.
     `check_reconstruction` gets the inputs as read, the work buffers after `combine`, the stored
-    piece and the arithmetic's buffers. `stats`: the dict to fill (a tensor's entry is final before
+    piece and the kernels (host or device: their buffers and conversions). `stats`: the dict to fill (a tensor's entry is final before
     its last piece is written, so a sink may read it when the file is done).
     """
     device = check_device(device)
     on_host = device == "cpu"
     piece_bytes = piece_bytes or (DEFAULT_PIECE_BYTES if on_host else DEVICE_PIECE_BYTES)
     stats = {} if stats is None else stats
-    arithmetic = _HostMath() if on_host else _DeviceMath(device)
+    kernels = _HostMath() if on_host else _DeviceMath(device)
     total = len(plan.outputs)
     # overflows are found by the checks below and refused with their reason, not warned about
     with (
@@ -556,37 +557,37 @@ def execute(
                             operand,
                             start,
                             stop,
-                            arithmetic.work_buffer(("work", slot), work_dtype, count),
+                            kernels.work_buffer(("work", slot), work_dtype, count),
                             out.fill_for(slot),
                         )
                         raw.append(piece)
                         work.append(piece)
                         continue
-                    read_buffer = arithmetic.host_buffer(("read", slot), in_dtype, count)
+                    read_buffer = kernels.host_buffer(("read", slot), in_dtype, count)
                     piece = _read_elements(operand, start, stop, read_buffer, out.fill_for(slot))
                     raw.append(piece)
-                    work.append(arithmetic.load(("work", slot), piece, in_dtype, work_dtype))
+                    work.append(kernels.load(("work", slot), piece, in_dtype, work_dtype))
                 reference_sq = 0.0
                 if out.is_float and reference_operand is not None:  # before combine overwrites it
-                    reference_sq = arithmetic.norm_sq(work[reference_operand])
+                    reference_sq = kernels.norm_sq(work[reference_operand])
                     st.reference_norm_sq += reference_sq
                 stored = sink.buffer(out.dtype, count)
                 into = stored if out.dtype == work_dtype and on_host else None
                 result, delta = combine(work, out, into)
                 if out.is_float:
-                    delta_sq = arithmetic.norm_sq(delta)
+                    delta_sq = kernels.norm_sq(delta)
                     if not (
                         _finite_by_norms(out.dtype, reference_sq, delta_sq)
-                        or arithmetic.written_finite(result, out.dtype)
+                        or kernels.written_finite(result, out.dtype)
                     ):
                         raise _not_finite(
-                            out, start, stop, combine, arithmetic.overflow_count(result, out.dtype)
+                            out, start, stop, combine, kernels.overflow_count(result, out.dtype)
                         )
                     st.norm_sq += delta_sq
                 if result is not stored:
-                    arithmetic.store(result, stored, out.dtype)  # the one rounding to the output dtype
+                    kernels.store(result, stored, out.dtype)  # the one rounding to the output dtype
                 if check_reconstruction is not None and out.is_float:
-                    mismatched, max_err = check_reconstruction(raw, work, stored, out, arithmetic)
+                    mismatched, max_err = check_reconstruction(raw, work, stored, out, kernels)
                     st.mismatched += mismatched
                     st.max_abs_error = max(st.max_abs_error, max_err)
                 sink.write(out.name, stored)
@@ -698,7 +699,7 @@ def make_merge(scale: float) -> Callable:
 
 
 def reconstruction_check(
-    raw: list[np.ndarray], work: list[Any], stored: np.ndarray, out: OutputTensor, arithmetic: _HostMath
+    raw: list[np.ndarray], work: list[Any], stored: np.ndarray, out: OutputTensor, kernels: _HostMath
 ) -> tuple[int, float]:
     """For compute: does base + stored residual give back instruct, bit for bit, in instruct's own dtype?
 
@@ -711,12 +712,12 @@ def reconstruction_check(
     residual = (
         stored
         if (out.dtype == FLOAT32 and isinstance(work[0], np.ndarray))
-        else (arithmetic.load(("stored",), stored, out.dtype, FLOAT32))
+        else (kernels.load(("stored",), stored, out.dtype, FLOAT32))
     )
     base = work[0]
     summed = _xp(base).add(base, residual, out=base)
-    rebuilt = arithmetic.store(
-        summed, arithmetic.host_buffer(("rebuilt",), instruct_dtype, stored.size), instruct_dtype
+    rebuilt = kernels.store(
+        summed, kernels.host_buffer(("rebuilt",), instruct_dtype, stored.size), instruct_dtype
     )
     if same_bits(rebuilt, instruct).all():
         return 0, 0.0
