@@ -25,6 +25,7 @@ from .dtypes import (
     INT64,
     DType,
     all_finite,
+    convert,
     dtype_from_name,
     overflow_count,
     same_bits,
@@ -325,7 +326,10 @@ class _HostMath:
     def load(self, key: tuple, raw: np.ndarray, dtype: DType, work_dtype: DType) -> np.ndarray:
         """The values of a piece as read (elements of `dtype`) in a reused work buffer."""
         work = self.work_buffer(key, work_dtype, raw.size)
-        return to_float32(raw, dtype, work) if work_dtype == FLOAT32 else _copy_into(work, raw)
+        if work_dtype == FLOAT32:
+            return to_float32(raw, dtype, work)
+        np.copyto(work, raw, casting="unsafe")  # integers: int64
+        return work
 
     @staticmethod
     def norm_sq(values: np.ndarray) -> float:
@@ -385,21 +389,6 @@ class _DeviceMath(_HostMath):
         return stored
 
 
-def _copy_into(out: np.ndarray, values: np.ndarray) -> np.ndarray:
-    np.copyto(out, values, casting="unsafe")
-    return out
-
-
-def _converted(raw: np.ndarray, dtype: DType, to: DType) -> np.ndarray:
-    """Elements of `dtype` as elements of `to` (a fresh array), rounded as torch rounds them."""
-    if dtype == to:
-        return raw
-    out = np.empty(raw.size, dtype=to.numpy)
-    if dtype.storage == dtype.name and to.storage == to.name:
-        return _copy_into(out, raw)  # numpy converts its own types directly
-    return store(to_float32(raw, dtype, np.empty(raw.size, np.float32)), out, to)
-
-
 def _read_elements(
     operand: tuple[TensorSource, str],
     start: int,
@@ -426,9 +415,7 @@ def _read_elements(
         end = min(stop, fill[0].tensors[fill[1]].numel)
         if end > begin:
             filled = _read_elements(fill, begin, end, None)
-            piece[begin - start : end - start] = _converted(
-                filled, fill[0].tensors[fill[1]].dtype, info.dtype
-            )
+            piece[begin - start : end - start] = convert(filled, fill[0].tensors[fill[1]].dtype, info.dtype)
     return piece
 
 

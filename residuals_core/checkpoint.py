@@ -426,8 +426,7 @@ class Checkpoint(TensorSource):
             info = self.tensors[name]
             spans[info.file].append((info.offset, info.offset + info.nbytes))
         for file, reader in self.readers.items():
-            if hasattr(reader, "read_only"):
-                reader.read_only(spans[file])
+            reader.read_only(spans[file])
 
     def finish(self) -> None:
         for reader in self.readers.values():

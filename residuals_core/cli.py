@@ -58,6 +58,9 @@ def _size(text: str) -> str:
     return text
 
 
+FOLLOW_POLL_S = 2.0  # how often `jobs run --shards --follow` asks the run for its jobs' stages
+
+
 def _shard_numbers(text: str) -> tuple[int, ...]:
     from .split_run import parse_shard_numbers
 
@@ -439,10 +442,8 @@ def _jobs(args: argparse.Namespace) -> int:
         if args.jobs_command == "status":
             status = jobs.split_run_status(args.job_id, token=token, namespace=args.namespace)
             print(status.describe())
-            for job in status.jobs:
-                message = f" — {job.status.message}" if job.status.message else ""
-                part = job.labels.get("residuals-part", "?").replace("-of-", "/")
-                print(f"  job {part} {job.id}: {job.status.stage}{message} ({job.url})")
+            for job, line in zip(status.jobs, status.job_lines(), strict=True):
+                print(f"  {line} ({job.url})")
         else:
             cancelled = jobs.cancel_split_run(args.job_id, token=token, namespace=args.namespace)
             print(f"run {args.job_id}: cancel requested for {len(cancelled)} job(s)")
@@ -508,20 +509,14 @@ def _split_run(args: argparse.Namespace, token: str | None, image: str | None) -
         time.sleep(FOLLOW_POLL_S)
     if status.published:
         return 0
-    failed = [j for j in status.jobs if j.status.stage != "COMPLETED"]
-    for job in failed:
-        print(
-            f"  job {job.labels.get('residuals-part', '?')} {job.id}: {job.status.stage} {job.status.message or ''}"
-        )
+    for line in status.job_lines([j for j in status.jobs if j.status.stage != "COMPLETED"]):
+        print(f"  {line}")
     print(
         f"run {plan.ref} is not complete: run the same `jobs run --shards` command again to write the shards "
         "still missing (those on the branch are kept)",
         flush=True,
     )
     return 1
-
-
-FOLLOW_POLL_S = 2.0
 
 
 class Terminated(BaseException):

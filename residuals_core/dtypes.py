@@ -9,7 +9,6 @@ a GPU device, and float8 conversions.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +138,18 @@ def store(values: np.ndarray, out: np.ndarray, dtype: DType) -> np.ndarray:
     return out
 
 
+def convert(raw: np.ndarray, dtype: DType, to: DType) -> np.ndarray:
+    """Stored elements of `dtype` as stored elements of `to` (a fresh array unless the same dtype),
+    rounded as torch rounds them."""
+    if dtype == to:
+        return raw
+    out = np.empty(raw.size, dtype=to.numpy)
+    if dtype.storage == dtype.name and to.storage == to.name:  # numpy converts its own types directly
+        np.copyto(out, raw, casting="unsafe")
+        return out
+    return store(to_float32(raw, dtype, np.empty(raw.size, np.float32)), out, to)
+
+
 def written_finite(values: np.ndarray, dtype: DType) -> bool:
     """Whether float32 `values` are all finite once rounded to `dtype`, from their range alone."""
     if values.size == 0:
@@ -196,10 +207,6 @@ def from_torch(tensor: Any) -> np.ndarray:
 def _torch_copy(out: np.ndarray, out_dtype: DType, raw: np.ndarray, raw_dtype: DType) -> None:
     """float8 conversions: torch's, so results match it bit for bit."""
     to_torch(out, out_dtype).copy_(to_torch(raw, raw_dtype))
-
-
-def torch_loaded() -> bool:
-    return "torch" in sys.modules
 
 
 def as_float64(raw: np.ndarray, dtype: DType) -> np.ndarray:

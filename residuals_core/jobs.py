@@ -251,6 +251,8 @@ def cancel_job(job_id: str, *, token: str | None, namespace: str | None = None) 
 
 # ---- a run split over several Jobs by output shard (see split_run) ----------------------------------
 RUN_LABEL = "residuals-run"
+FINAL_STAGES = ("COMPLETED", "ERROR", "CANCELED", "DELETED")
+LIVE_STAGES = ("SCHEDULING", "RUNNING")  # a job that may still write, and that cancel stops
 
 
 @dataclass(frozen=True)
@@ -345,8 +347,6 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 def pin_inputs(argv: list[str], commits: dict[str, str]) -> list[str]:
     """The command with each Hub input as `hf://org/name@COMMIT`: every job reads what was planned."""
-    from .hub import split_revision
-
     pinned = list(argv)
     for i, arg in enumerate(argv[:-1]):
         if arg in JOB_MODEL_FLAGS:
@@ -358,8 +358,6 @@ def pin_inputs(argv: list[str], commits: dict[str, str]) -> list[str]:
 
 def flavor_price(api: Any, flavor: str) -> float | None:
     """USD per hour of a flavour, from the Hub's list of Jobs hardware (None when it is not listed)."""
-    from .hub import with_rate_limits
-
     try:
         listed = with_rate_limits(api.list_jobs_hardware)
     except Exception:  # the price is information: its absence must not stop a submission
@@ -404,22 +402,11 @@ def plan_split_run(
     pinned = pin_inputs(argv, summary["inputs"])
     branch = run_branch_name(pinned, summary["fingerprint"])
     repo_id = _flag_value(argv, "--push-to")
-    from .hub import hub_errors, with_rate_limits
-
     with hub_errors(repo_id, None):
         exists = with_rate_limits(lambda: api.repo_exists(repo_id))
         state = run_state(api, repo_id, branch) if exists else RunState(branch, {}, False, False)
-        running = [
-            job
-            for job in (
-                with_rate_limits(
-                    lambda: list(api.list_jobs(labels={RUN_LABEL: branch}, namespace=namespace, token=token))
-                )
-                if state.branch_exists
-                else []
-            )
-            if job.status.stage in ("SCHEDULING", "RUNNING")
-        ]
+        jobs_of_run = _run_jobs(api, branch, namespace, token) if state.branch_exists else []
+    running = [job for job in jobs_of_run if job.status.stage in LIVE_STAGES]
     names = [s["file"] for s in summary["shards"]]
     done = [i for i, name in enumerate(names, start=1) if name in state.recorded]
     busy = sorted({n for job in running for n in _job_shards(job)} - set(done))
@@ -461,7 +448,7 @@ def submit_split_run(
     token_expires_at: float | None = None,
 ) -> list[SubmittedJob]:
     """Make the repo and the run branch, then submit one Job per part of the plan."""
-    from .hub import hub_errors, with_rate_limits, writable_repo_id
+    from .hub import writable_repo_id
     from .split_run import format_shard_numbers
 
     api = _api(token)
@@ -525,21 +512,31 @@ class RunStatus:
         state = "published to main" if self.published else f"{there} shards on the run branch"
         return f"run {self.repo_id}@{self.branch}: {state}; jobs: {jobs_text}"
 
+    def job_lines(self, jobs: list[Any] | None = None) -> list[str]:
+        """One line per job (of `jobs`, default all): its part of the run, id, stage and message."""
+        lines = []
+        for job in self.jobs if jobs is None else jobs:
+            part = (job.labels or {}).get("residuals-part", "?").replace("-of-", "/")
+            message = f" — {job.status.message}" if job.status.message else ""
+            lines.append(f"job {part} {job.id}: {job.status.stage}{message}")
+        return lines
 
-FINAL_STAGES = ("COMPLETED", "ERROR", "CANCELED", "DELETED")
+
+def _run_jobs(api: Any, branch: str, namespace: str | None, token: str | None) -> list[Any]:
+    """Every job of a split run (found by its label), in any stage."""
+    return with_rate_limits(
+        lambda: list(api.list_jobs(labels={RUN_LABEL: branch}, namespace=namespace, token=token))
+    )
 
 
 def split_run_status(ref: str, *, token: str | None, namespace: str | None = None) -> RunStatus:
     """Every job of a split run with its stage, and how many shards its branch holds."""
-    from .hub import hub_errors, with_rate_limits
     from .split_run import run_state
 
     repo_id, branch = parse_run_ref(ref)
     api = _api(token)
     with hub_errors(repo_id, None):
-        listed = with_rate_limits(
-            lambda: list(api.list_jobs(labels={RUN_LABEL: branch}, namespace=namespace, token=token))
-        )
+        listed = _run_jobs(api, branch, namespace, token)
         state = run_state(api, repo_id, branch)
     return RunStatus(repo_id, branch, listed, len(state.recorded), state.shards_total, state.published)
 
@@ -549,7 +546,7 @@ def cancel_split_run(ref: str, *, token: str | None, namespace: str | None = Non
     status = split_run_status(ref, token=token, namespace=namespace)
     cancelled = []
     for job in status.jobs:
-        if job.status.stage in ("SCHEDULING", "RUNNING"):
+        if job.status.stage in LIVE_STAGES:
             cancel_job(job.id, token=token, namespace=namespace or (job.owner.name if job.owner else None))
             cancelled.append(job.id)
     return cancelled

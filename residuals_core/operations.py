@@ -266,7 +266,7 @@ def stream_into(
     writer = ShardWriter(
         sink.path,
         [o.info for o in plan.outputs],
-        max_shard_size=options.max_shard_bytes,
+        split=split,
         direct_io=options.direct_io,
         fsync=options.fsync,
         before_shard=sink.before_shard,
@@ -368,8 +368,7 @@ def write_result(
 def plan_shards(plan: arithmetic.Plan, options: Options) -> list[int]:
     """The sizes of the weight files a plan's output will be written as."""
     plan, split = output_split(plan, options)
-    sizes = {o.name: o.info.nbytes for o in plan.outputs}
-    return [sum(sizes[n] for n in names) for _, names in split.files]
+    return split.file_bytes({o.name: o.info for o in plan.outputs})
 
 
 def describe_plan(plan: arithmetic.Plan, options: Options, inputs: list[TensorSource]) -> dict[str, Any]:
@@ -380,7 +379,10 @@ def describe_plan(plan: arithmetic.Plan, options: Options, inputs: list[TensorSo
     plan, split = output_split(plan, options)
     specs = {o.name: o.info for o in plan.outputs}
     return {
-        "shards": [{"file": f, "bytes": sum(specs[t].nbytes for t in names)} for f, names in split.files],
+        "shards": [
+            {"file": file, "bytes": size}
+            for (file, _), size in zip(split.files, split.file_bytes(specs), strict=True)
+        ],
         "fingerprint": plan_fingerprint(split, specs),
         "read_bytes": sum(
             source.tensors[name].nbytes for out in plan.outputs for source, name in out.operands

@@ -358,6 +358,9 @@ def same_repo(a: str, b: str) -> bool:
     return a.removeprefix("hf://").lower() == b.removeprefix("hf://").lower()
 
 
+RUN_MARKER = "residuals-run: "  # + the run's id, in the description of the commit that publishes it
+
+
 class HubRepoSink(Sink):
     """Stream a result into a Hub model repo: shards uploaded as they finish, one commit at the end.
 
@@ -368,6 +371,8 @@ class HubRepoSink(Sink):
     so that running it again resumes (Xet or LFS skip the bytes the Hub already holds). Only a run
     stopped on purpose, or one that failed before uploading anything, deletes a repo it created.
     """
+
+    upload_revision: str | None = None  # where shards are uploaded to (None: main)
 
     def __init__(
         self,
@@ -386,7 +391,7 @@ class HubRepoSink(Sink):
         self.repo_id = repo_id
         self.location = repo_id
         self.path = Path()  # set on enter
-        self.run_marker = f"residuals-run: {uuid.uuid4().hex}"  # finds this run's commit on the Hub
+        self.run_marker = f"{RUN_MARKER}{uuid.uuid4().hex}"  # finds this run's commit on the Hub
         self.uploaded = 0  # weight files the Hub holds for this run (resumable)
         self._api = None
         self._created = False
@@ -497,10 +502,8 @@ class HubRepoSink(Sink):
             try:
                 if self._failure is None:
                     operation = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
-                    if checksums is not None:
-                        operation.upload_info.sha256 = bytes.fromhex(
-                            checksums["sha256"]
-                        )  # known from writing
+                    if checksums is not None:  # known from writing: no second read to hash it
+                        operation.upload_info.sha256 = bytes.fromhex(checksums["sha256"])
                     # a rerun: Xet sends only chunks the Hub lacks; LFS skips objects it already holds
                     with_rate_limits(
                         lambda op=operation: self._api.preupload_lfs_files(
@@ -518,8 +521,6 @@ class HubRepoSink(Sink):
                 self._slots.release()
                 self._queue.task_done()
         self._queue.task_done()
-
-    upload_revision: str | None = None  # where shards are uploaded to (None: main)
 
     def _uploaded(self, operation: Any, checksums: dict | None) -> bool:
         """A file is preuploaded: keep its operation for the commit; whether its local copy may go.

@@ -52,6 +52,10 @@ class ByteReader:
         self.read_into(offset, memoryview(data))
         return bytes(data)
 
+    def read_only(self, spans: list[tuple[int, int]]) -> None:
+        """Only these [start, stop) byte spans will be read (a share of a split run); a reader that
+        fetches ahead (a Hub file) fetches nothing else, a local file needs no telling."""
+
     def finish(self) -> None:
         """Check what was read (a Hub file: its sha256); called once the work is done, before publishing."""
 

@@ -25,11 +25,10 @@ from typing import Any
 from .arithmetic import TensorStats
 from .errors import ResidualsError
 from .options import Options
-from .sinks import HubRepoSink
+from .sinks import RUN_MARKER, HubRepoSink  # a split run's id is its branch name
 from .writer import ShardPlan, file_digest, write_index
 
 RUN_FOLDER = ".residuals-run"  # on the run branch only: one record per shard, never copied to main
-RUN_MARKER = "residuals-run: "  # + the branch name, in the description of the commit that publishes it
 BRANCH_PREFIX = "residuals-run-"
 
 
@@ -47,6 +46,15 @@ def run_branch_name(argv: list[str], fingerprint: str) -> str:
     """The branch of one run: the same command on the same pinned inputs finds it again (and resumes)."""
     digest = hashlib.sha256(json.dumps([argv, fingerprint]).encode()).hexdigest()
     return f"{BRANCH_PREFIX}{digest[:12]}"
+
+
+_RUN_BRANCH = re.compile(rf"{BRANCH_PREFIX}[0-9a-f]{{12}}")
+
+
+def is_run_branch(name: str) -> bool:
+    """Whether `name` is exactly a branch `run_branch_name` makes: what the Space checks a browser's record of
+    its run against (`--run-branch` itself takes any branch name)."""
+    return bool(_RUN_BRANCH.fullmatch(name))
 
 
 def assign_shards(numbers: list[int], jobs: int) -> list[list[int]]:
@@ -228,8 +236,7 @@ class RunShareSink(HubRepoSink):
         records = self._read_records(names)
         all_weights = {n: records[n]["checksums"] for n in names}
         if self.split.is_sharded:
-            total = sum(sum(self._specs[t].nbytes for t in tensors) for _, tensors in self.split.files)
-            index = write_index(self.path, self.split, total)
+            index = write_index(self.path, self.split, sum(self.split.file_bytes(self._specs)))
             all_weights[index.name] = file_digest(index)
         stats = {
             t: TensorStats(**records[n]["tensors"][t]) for n, tensors in self.split.files for t in tensors

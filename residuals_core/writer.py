@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
-from .checkpoint import TensorInfo
+from .checkpoint import INDEX_NAME, TensorInfo
 from .checksums import Checksums, file_digest
 from .dtypes import DType
 from .options import DEFAULT_MAX_SHARD_SIZE
@@ -115,13 +115,14 @@ class ShardWriter:
         before_shard: Callable[[], None] | None = None,
         shard_done: Callable[[Path, dict], None] | None = None,
         only_files: set[str] | None = None,
+        split: ShardPlan | None = None,
     ):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         self._direct_io, self._fsync = direct_io, fsync
         # a sink's hooks: wait for room before a new shard; take a finished one (from the writing thread)
         self._before_shard, self._shard_done = before_shard, shard_done
-        split = plan_shards(specs, max_shard_size)
+        split = split or plan_shards(specs, max_shard_size)  # the caller's, when it planned them already
         self.split = split
         self._specs = {s.name: s for s in specs}
         # a share of a split run writes only these files (named and laid out as in the whole result)
@@ -384,6 +385,10 @@ class ShardPlan:
     def tensor_to_filename(self) -> dict[str, str]:
         return {name: filename for filename, names in self.files for name in names}
 
+    def file_bytes(self, specs: dict[str, TensorInfo]) -> list[int]:
+        """Data bytes of each file, in writing order."""
+        return [sum(specs[name].nbytes for name in names) for _, names in self.files]
+
 
 def plan_shards(specs: list[TensorInfo], max_shard_size: int | str) -> ShardPlan:
     """Which tensor goes to which file: huggingface_hub's splitter groups them as save_pretrained does.
@@ -412,13 +417,6 @@ def plan_shards(specs: list[TensorInfo], max_shard_size: int | str) -> ShardPlan
 def write_index(folder: Path, split: ShardPlan, total_bytes: int) -> Path:
     """`model.safetensors.index.json` of a sharded result, as save_pretrained writes it."""
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(split.tensor_to_filename)}
-    path = Path(folder) / "model.safetensors.index.json"
+    path = Path(folder) / INDEX_NAME
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def shard_sizes(specs: list[TensorInfo], max_shard_size: int | str) -> list[int]:
-    """Data bytes of each output file, in the order they are written."""
-    split = plan_shards(specs, max_shard_size)
-    sizes = {s.name: s.nbytes for s in specs}
-    return [sum(sizes[n] for n in names) for _, names in split.files]

@@ -28,9 +28,8 @@ class Settings:
     job_offer_seconds: float = 10 * 60  # beyond: Check suggests a Job on the visitor's account
     job_split_seconds: float = 60 * 60  # one job estimated beyond: a merge is offered split over jobs
     job_poll_seconds: float = 5.0  # how often Follow my job asks a split run's jobs for their stage
-    job_max_shard_size: str | None = (
-        None  # a Job's output shards (smaller: a finer split); None: the engine's
-    )
+    # a Job's output shard size (smaller: a finer split); None: the engine's
+    job_max_shard_size: str | None = None
     max_small_file_bytes: int = 64 * 10**6  # a model's config/tokenizer file, each
     try_memory_bytes: float = 8e9  # the Try tab's three models, together
     try_sessions: int = 1  # sessions whose Try models stay loaded at once

@@ -6,7 +6,6 @@ several jobs that run side by side and publish one commit (`residuals_core.jobs`
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from residuals_core import jobs
 from residuals_core.demo import DEMO_PREFIX
 from residuals_core.errors import ResidualsError
 from residuals_core.hub import HUB_PREFIX, valid_repo_id, writable_repo_id
+from residuals_core.split_run import is_run_branch
 
 from ..auth import Login
 from ..context import StudioContext, Workspace
@@ -27,7 +27,6 @@ from .merge import SAME_AS_TARGET, space_scale
 FLAVORS = ["cpu-basic", "cpu-upgrade", "t4-small", "a10g-small", "a10g-large"]
 AUTO = "auto"
 JOB_COUNTS = [AUTO, "1", "2", "4", "8", "16"]
-_RUN_BRANCH = re.compile(r"^residuals-run-[0-9a-f]{6,64}$")
 
 
 @dataclass(frozen=True)
@@ -183,8 +182,7 @@ def submit(
         info = jobs.run_job(
             argv, token=write_token, image=image, flavor=job.flavor, token_expires_at=expires_at
         )
-        owner = jobs.parse_job_ref(info.url)[0] or repo.split("/")[0]
-        submitted = SubmittedJob(info.id, owner, repo, plan=info.plan)
+        submitted = SubmittedJob(info.id, _owner(info.url, repo), repo, plan=info.plan)
     else:
         if offer.chosen.published:
             raise ResidualsError(
@@ -200,8 +198,8 @@ def submit(
         started = jobs.submit_split_run(
             offer.chosen, token=write_token, image=image, token_expires_at=expires_at
         )
-        owner = jobs.parse_job_ref(started[0].url)[0] or repo.split("/")[0]
-        submitted = SubmittedJob(started[0].id, owner, repo, offer=offer, ids=tuple(s.id for s in started))
+        ids = tuple(s.id for s in started)
+        submitted = SubmittedJob(started[0].id, _owner(started[0].url, repo), repo, offer=offer, ids=ids)
     workspace["job"] = submitted.record()  # for this session (and API clients, which keep no browser state)
     return submitted
 
@@ -218,7 +216,7 @@ def followed_record(workspace: Workspace, jobs_seen: object) -> dict[str, str]:
             and valid_repo_id(record["repo"])):  # fmt: skip
         raise ResidualsError("This browser's record of its jobs is damaged.", "Submit the job again.")
     if job.get("run"):
-        if not _RUN_BRANCH.match(str(job["run"])):
+        if not is_run_branch(str(job["run"])):
             raise ResidualsError("This browser's record of its jobs is damaged.", "Submit the job again.")
         record["run"] = str(job["run"])
     return record
@@ -250,8 +248,18 @@ def follow(
     yield JobUpdate(job, lines[-40:], final.status.stage, final.status.message)
 
 
+def _owner(job_url: str, repo: str) -> str:
+    """The namespace a submitted job runs in: from its URL, else the repo's owner."""
+    return jobs.parse_job_ref(job_url)[0] or repo.split("/")[0]
+
+
+def _run_ref(job: dict[str, str]) -> str:
+    """How the engine names a split run (`jobs status REPO@BRANCH`)."""
+    return f"{job['repo']}@{job['run']}"
+
+
 def _follow_run(ctx: StudioContext, job: dict[str, str], token: str) -> Iterator[JobUpdate]:
-    ref = f"{job['repo']}@{job['run']}"
+    ref = _run_ref(job)
     seen: list[str] | None = None
     while True:
         status = jobs.split_run_status(ref, token=token, namespace=job["owner"])
@@ -291,11 +299,9 @@ def cancel(
     job = followed_record(workspace, jobs_seen)
     write_token = ctx.credentials.write_token(login, pasted_token)
     if "run" in job:
-        return job, jobs.cancel_split_run(
-            f"{job['repo']}@{job['run']}", token=write_token, namespace=job["owner"]
-        )
+        return job, jobs.cancel_split_run(_run_ref(job), token=write_token, namespace=job["owner"])
     status = jobs.job_status(job["id"], token=write_token, namespace=job["owner"])
-    if status.status.stage not in ("SCHEDULING", "RUNNING"):
+    if status.status.stage not in jobs.LIVE_STAGES:
         return job, []
     jobs.cancel_job(job["id"], token=write_token, namespace=job["owner"])
     return job, [job["id"]]
